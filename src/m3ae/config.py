@@ -1,0 +1,233 @@
+"""Typed configs (model, data, training), named model presets, YAML/JSON files and overrides.
+
+A run is described by one :class:`Config`; the CLI builds it from a preset, an optional
+YAML/JSON file and ``section.field=value`` overrides, and saves the resolved result in the
+run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Architecture numbers. Defaults follow the paper's ViT-B/16 M3AE."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    in_chans: int = 3
+    vocab_size: int = 30522  # BERT-uncased WordPiece
+    max_text_len: int = 64  # longest caption the position table covers
+    emb_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    dec_emb_dim: int = 512
+    dec_depth: int = 8
+    dec_num_heads: int = 16
+    mlp_ratio: float = 4.0
+    use_type_embedding: bool = True
+    image_mask_ratio: float = 0.75
+    text_mask_ratio: float = 0.75
+    # The official JAX code uses LayerNorm eps 1e-6 and the tanh-approximated GELU.
+    ln_eps: float = 1e-6
+    gelu_approximate: str = "tanh"  # "tanh" or "none"
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for width, heads, name in ((self.emb_dim, self.num_heads, "emb_dim"),
+                                   (self.dec_emb_dim, self.dec_num_heads, "dec_emb_dim")):
+            if width % heads:
+                raise ValueError(f"{name}={width} is not divisible by its number of heads {heads}")
+            if width % 4:
+                raise ValueError(f"{name}={width} must be divisible by 4 for the 2-D sin-cos table")
+        if self.gelu_approximate not in ("tanh", "none"):
+            raise ValueError("gelu_approximate must be 'tanh' or 'none'")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size ** 2 * self.in_chans
+
+
+_DECODER = dict(dec_emb_dim=512, dec_depth=8, dec_num_heads=16)
+
+#: Named architectures. Entries set numbers only; :func:`model_config` builds from them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # For tests and the demo: 32 px images, 4 px patches (an 8x8 grid), a small vocabulary.
+    "tiny": dict(image_size=32, patch_size=4, vocab_size=1024, max_text_len=32, emb_dim=128,
+                 depth=4, num_heads=4, dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
+    "small": dict(emb_dim=384, depth=12, num_heads=6, **_DECODER),
+    "base": dict(emb_dim=768, depth=12, num_heads=12, **_DECODER),
+    "large": dict(emb_dim=1024, depth=24, num_heads=16, **_DECODER),
+    "huge": dict(emb_dim=1280, depth=32, num_heads=16, **_DECODER),
+    # The CPU benchmark config of benchmarks/train_throughput.py (issue 7).
+    "bench-cpu": dict(image_size=64, patch_size=8, vocab_size=30522, max_text_len=32, emb_dim=192,
+                      depth=6, num_heads=3, dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
+}
+for _size in ("small", "base", "large", "huge"):
+    PRESETS[f"m3ae_{_size}_patch16"] = PRESETS[_size]
+
+
+def model_config(preset: str = "base", **overrides: Any) -> ModelConfig:
+    """The :class:`ModelConfig` of a named preset, with fields overridden."""
+    if preset not in PRESETS:
+        raise KeyError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they become tensors."""
+
+    source: str = "synthetic"  # "synthetic" or "webdataset"
+    urls: str = ""  # webdataset: shard paths or brace patterns, several separated by '::'
+    synthetic_size: int = 20000  # synthetic: number of distinct samples
+    synthetic_seed: int = 0
+    tokenizer: str = ""  # vocab.txt / tokenizer.json / folder / cached HF name; "" = built for synthetic data
+    text_len: int = 32
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    flip_swaps_left_right: bool = True
+    shuffle_buffer: int = 2000
+    num_workers: int = 0
+    paired_fraction: float = 1.0  # fraction of pairs that keep their caption
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of ``m3ae pretrain``."""
+
+    steps: int = 1000
+    batch_size: int = 64
+    base_lr: float = 1.5e-4  # scaled by batch_size / 256
+    lr: float | None = None  # absolute LR; overrides base_lr when set
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # 0 disables
+    image_loss_weight: float = 1.0
+    text_loss_weight: float = 0.5
+    norm_pix_loss: bool = False
+    precision: str = "fp32"  # "fp32" or "bf16"
+    device: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    recon_every: int = 500
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "base"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        d = dict(d)
+        preset = d.pop("preset", "base")
+        model = model_config(preset, **_coerce_section(ModelConfig, d.pop("model", {}) or {}))
+        data = DataConfig(**_coerce_section(DataConfig, d.pop("data", {}) or {}))
+        train = TrainConfig(**_coerce_section(TrainConfig, d.pop("train", {}) or {}))
+        if d:
+            raise ValueError(f"unknown config sections: {sorted(d)}")
+        return cls(model=model, data=data, train=train, preset=preset)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(
+            self.to_dict(), sort_keys=False)
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a mapping with sections model/data/train")
+    return d
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return {f.name: f for f in fields(cls)}
+
+
+def _coerce_section(cls, values: dict[str, Any]) -> dict[str, Any]:
+    known = _field_types(cls)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    out = {}
+    for k, v in values.items():
+        default = known[k].default if known[k].default is not dataclasses.MISSING else None
+        if isinstance(default, tuple) and isinstance(v, (list, tuple)):
+            v = tuple(v)
+        out[k] = v
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, '[0.2,1]' -> [0.2, 1], 'abc' -> 'abc'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` strings to a config dict (in place, also returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if key.strip() == "preset":
+            d["preset"] = value
+            continue
+        if len(parts) != 2 or parts[0] not in ("model", "data", "train"):
+            raise ValueError(f"override key {key!r} must be model.X, data.X, train.X or preset")
+        section = d.setdefault(parts[0], {}) or {}
+        d[parts[0]] = section
+        section[parts[1]] = _parse_value(value)
+    return d
+
+
+def build_config(preset: str | None = None, config_file: str | None = None,
+                 overrides: list[str] | None = None) -> Config:
+    """Preset < config file < overrides, each later one winning."""
+    d: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    if preset is not None:
+        d["preset"] = preset
+    apply_overrides(d, overrides or [])
+    return Config.from_dict(d)

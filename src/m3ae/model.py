@@ -1,0 +1,418 @@
+"""The M3AE model: one transformer encoder over image patches and caption tokens, a light decoder.
+
+Read top to bottom: transformer blocks, then :class:`M3AE` with its encoder path
+(:meth:`M3AE.forward_encoder`), decoder path (:meth:`M3AE.forward_decoder`), the training
+forward and the feature extractor. The architecture and initialisation follow the paper and
+the official JAX code (young-geng/m3ae_public) so that its checkpoints load unchanged:
+pre-norm blocks with a fused qkv projection, LayerNorm eps 1e-6, tanh GELU, fixed sin-cos
+positions, learned modality type embeddings and one mask token per modality.
+
+Inputs are images (B, C, H, W) normalised as in training, and captions as token ids (B, T)
+with a padding mask (True = padding). Either modality may be absent (``None``), and
+``image_valid`` (B,) marks samples of a mixed batch that have no image.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig, model_config
+from .ops import Masking, gather_tokens, no_masking, patchify, random_masking, sincos_1d, sincos_2d
+
+
+# ------------------------------------------------------------------------ blocks
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)  # output laid out [q | k | v], heads in order
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                return_attention: bool = False):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:
+            # Explicit softmax so the weights can be returned (visualisation only).
+            logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            if attn_mask is not None:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            weights = logits.softmax(-1)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return (out, weights) if return_attention else out
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, gelu_approximate: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, gelu_approximate: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks and a final LayerNorm; optional activation checkpointing."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, eps: float,
+                 gelu_approximate: str):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, eps, gelu_approximate)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None,
+                return_intermediates: bool = False):
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        intermediates = []
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, mask, use_reentrant=False)
+            else:
+                x = blk(x, mask)
+            if return_intermediates:
+                intermediates.append(x)
+        x = self.norm(x)
+        return (x, intermediates) if return_intermediates else x
+
+
+# ------------------------------------------------------------------------ outputs
+class M3AEOutput(NamedTuple):
+    """What one training forward produces; the loss lives in :mod:`m3ae.losses`.
+
+    ``image_mask`` / ``text_mask`` are True where the loss applies: positions hidden from
+    the encoder that hold a real patch / a real (non-padding) caption token. When the
+    forward was asked for ``text_logits="masked"``, ``text_logits`` is (N, V), one row per
+    True entry of ``text_mask`` in row-major order, which saves the head's work elsewhere.
+    """
+
+    image_pred: torch.Tensor | None    # (B, L_img, patch_dim)
+    image_target: torch.Tensor | None  # (B, L_img, patch_dim), patchified input pixels
+    image_mask: torch.Tensor | None    # (B, L_img) bool
+    text_logits: torch.Tensor | None   # (B, T, V) or (N, V)
+    text_target: torch.Tensor | None   # (B, T) token ids
+    text_mask: torch.Tensor | None     # (B, T) bool
+    latent: torch.Tensor               # (B, 1 + slots, D) encoder output, CLS first
+
+
+class EncoderOutput(NamedTuple):
+    latent: torch.Tensor              # (B, 1 + image slots + text slots, D)
+    key_valid: torch.Tensor | None    # (B, 1 + slots) bool, None when every slot is real
+    image_masking: Masking | None
+    text_masking: Masking | None
+    image_valid: torch.Tensor | None  # (B,) bool, None when every sample has an image
+    text_valid: torch.Tensor | None   # (B, T) bool, False at caption padding
+    intermediates: list | None = None
+
+
+# -------------------------------------------------------------------------- model
+class M3AE(nn.Module):
+    def __init__(self, config: ModelConfig | None = None, **overrides):
+        super().__init__()
+        cfg = config if config is not None else model_config("base")
+        if overrides:
+            cfg = ModelConfig(**{**cfg.__dict__, **overrides})
+        self.config = cfg
+        d, dd = cfg.emb_dim, cfg.dec_emb_dim
+        block_args = (cfg.mlp_ratio, cfg.ln_eps, cfg.gelu_approximate)
+
+        # Encoder inputs.
+        self.patch_embed = nn.Linear(cfg.patch_dim, d)  # on patchified pixels
+        self.text_embed = nn.Embedding(cfg.vocab_size, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        if cfg.use_type_embedding:
+            self.encoder_image_type = nn.Parameter(torch.zeros(1, 1, d))
+            self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
+            self.decoder_image_type = nn.Parameter(torch.zeros(1, 1, dd))
+            self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
+        self.encoder = Transformer(d, cfg.depth, cfg.num_heads, *block_args)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(d, dd)
+        self.image_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.text_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder = Transformer(dd, cfg.dec_depth, cfg.dec_num_heads, *block_args)
+        self.image_head = nn.Linear(dd, cfg.patch_dim)
+        self.text_head = nn.Linear(dd, cfg.vocab_size)
+
+        # Fixed position tables (not saved: they follow from the config).
+        self.register_buffer("enc_image_pos", sincos_2d(d, cfg.grid_size)[None], persistent=False)
+        self.register_buffer("dec_image_pos", sincos_2d(dd, cfg.grid_size)[None], persistent=False)
+        self.register_buffer("enc_text_pos", sincos_1d(d, cfg.max_text_len)[None], persistent=False)
+        self.register_buffer("dec_text_pos", sincos_1d(dd, cfg.max_text_len)[None], persistent=False)
+        self.reset_parameters()
+
+    # --------------------------------------------------------------- bookkeeping
+    def reset_parameters(self) -> None:
+        """MAE's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) tokens."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if p.dim() == 3:  # cls, type and mask tokens
+                nn.init.normal_(p, std=0.02)
+        nn.init.normal_(self.text_embed.weight, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names AdamW should not decay: biases, norms, tokens, embeddings tables."""
+        names = set()
+        for name, p in self.named_parameters():
+            if p.dim() <= 1 or name.endswith("_token") or name.endswith("_type") \
+                    or name == "text_embed.weight":
+                names.add(name)
+        return names
+
+    def group_matcher(self, name: str) -> int:
+        """Layer id for layer-wise LR decay: 0 = embeddings, i+1 = encoder block i, depth+1 = rest."""
+        if name.startswith(("patch_embed", "text_embed", "cls_token", "encoder_image_type",
+                            "encoder_text_type")):
+            return 0
+        if name.startswith("encoder.blocks."):
+            return int(name.split(".")[2]) + 1
+        return self.config.depth + 1
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+        self.decoder.grad_checkpointing = enable
+
+    def _type(self, name: str) -> torch.Tensor | float:
+        return getattr(self, name) if self.config.use_type_embedding else 0.0
+
+    # ------------------------------------------------------------------- encoder
+    def embed_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels -> (patch tokens with positions and type, patchified pixels)."""
+        cfg = self.config
+        if image.shape[-1] != cfg.image_size or image.shape[-2] != cfg.image_size:
+            raise ValueError(f"expected {cfg.image_size}x{cfg.image_size} images, got "
+                             f"{tuple(image.shape[-2:])}")
+        patches = patchify(image, cfg.patch_size)
+        x = self.patch_embed(patches) + self.enc_image_pos + self._type("encoder_image_type")
+        return x, patches
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        t = text.shape[1]
+        if t > self.config.max_text_len:
+            raise ValueError(f"caption length {t} exceeds max_text_len={self.config.max_text_len}")
+        return self.text_embed(text) + self.enc_text_pos[:, :t] + self._type("encoder_text_type")
+
+    def forward_encoder(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                        text_padding_mask: torch.Tensor | None = None,
+                        image_valid: torch.Tensor | None = None, *,
+                        image_mask_ratio: float = 0.0, text_mask_ratio: float = 0.0,
+                        generator: torch.Generator | None = None,
+                        image_noise: torch.Tensor | None = None,
+                        text_noise: torch.Tensor | None = None,
+                        return_intermediates: bool = False):
+        """Embed, mask and encode. Returns (EncoderOutput, patchified pixels or None).
+
+        The encoder sequence is CLS, then the kept image patches, then the kept caption
+        tokens. With both mask ratios 0 nothing is shuffled, so the output keeps the input
+        order (CLS, all patches, all caption positions) as in the official code.
+        """
+        if image is None and text is None:
+            raise ValueError("M3AE needs an image, a caption, or both")
+        ref = image if image is not None else text
+        b = ref.shape[0]
+        parts = [self.cls_token.expand(b, -1, -1)]
+        valids = [torch.ones(b, 1, dtype=torch.bool, device=ref.device)]
+        needs_mask = False
+        img_m = txt_m = patches = text_valid = None
+
+        if image is not None:
+            x_img, patches = self.embed_image(image)
+            n = x_img.shape[1]
+            all_valid = image_valid is None
+            valid = (torch.ones(b, n, dtype=torch.bool, device=image.device) if all_valid
+                     else image_valid.bool()[:, None].expand(b, n))
+            if image_mask_ratio > 0:
+                img_m = random_masking(valid, image_mask_ratio, generator=generator,
+                                       noise=image_noise, all_valid=all_valid)
+                x_img = gather_tokens(x_img, img_m.ids_keep)
+            else:
+                img_m = no_masking(valid, all_valid=all_valid)
+            parts.append(x_img)
+            valids.append(img_m.slot_valid)
+            needs_mask |= not all_valid
+
+        if text is not None:
+            if text_padding_mask is None:
+                text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
+            valid = text_valid = ~text_padding_mask.bool()
+            x_txt = self.embed_text(text)
+            if text_mask_ratio > 0:
+                txt_m = random_masking(valid, text_mask_ratio, generator=generator, noise=text_noise)
+                x_txt = gather_tokens(x_txt, txt_m.ids_keep)
+            else:
+                txt_m = no_masking(valid)
+            parts.append(x_txt)
+            valids.append(txt_m.slot_valid)
+            needs_mask = True
+
+        x = torch.cat(parts, dim=1)
+        key_valid = torch.cat(valids, dim=1) if needs_mask else None
+        out = self.encoder(x, key_valid, return_intermediates=return_intermediates)
+        latent, inter = out if return_intermediates else (out, None)
+        image_valid = None if image is None or image_valid is None else image_valid.bool()
+        return EncoderOutput(latent, key_valid, img_m, txt_m, image_valid, text_valid, inter), patches
+
+    # ------------------------------------------------------------------- decoder
+    def _decoder_stream(self, y: torch.Tensor, m: Masking, mask_token: torch.Tensor,
+                        pos: torch.Tensor, type_emb) -> torch.Tensor:
+        """Encoder slots of one modality -> full-length decoder tokens in original order."""
+        b, length = m.ids_restore.shape
+        if m.complete:  # unmasked: every slot holds its own token (padding too, as officially)
+            return y + pos[:, :length] + type_emb
+        # Slots past a sample's kept count hold dropped tokens: hide them behind the mask token.
+        y = torch.where(m.slot_valid[..., None], y, mask_token.to(y.dtype))
+        if y.shape[1] < length:
+            y = torch.cat([y, mask_token.to(y.dtype).expand(b, length - y.shape[1], -1)], dim=1)
+        y = gather_tokens(y, m.ids_restore)
+        return y + pos[:, :length] + type_emb
+
+    def forward_decoder(self, enc: EncoderOutput):
+        """Decoder over CLS + every image position + every caption position.
+
+        Returns (decoder hidden states of the image positions, of the caption positions).
+        """
+        y = self.decoder_embed(enc.latent)
+        b = y.shape[0]
+        parts, valids = [y[:, :1]], [torch.ones(b, 1, dtype=torch.bool, device=y.device)]
+        needs_mask = False
+        start, n_img, n_txt = 1, 0, 0
+        if enc.image_masking is not None:
+            m = enc.image_masking
+            n_img = m.ids_restore.shape[1]
+            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, self.image_mask_token,
+                                              self.dec_image_pos, self._type("decoder_image_type")))
+            start += m.num_slots
+            # Samples without an image: their (mask-token) image positions are not attended to.
+            if enc.image_valid is not None:
+                valids.append(enc.image_valid[:, None].expand(b, n_img))
+                needs_mask = True
+            else:
+                valids.append(torch.ones(b, n_img, dtype=torch.bool, device=y.device))
+        if enc.text_masking is not None:
+            m = enc.text_masking
+            n_txt = m.ids_restore.shape[1]
+            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, self.text_mask_token,
+                                              self.dec_text_pos, self._type("decoder_text_type")))
+            valids.append(enc.text_valid)  # caption padding stays invisible in the decoder too
+            needs_mask = True
+        x = torch.cat(parts, dim=1)
+        key_valid = torch.cat(valids, dim=1) if needs_mask else None
+        x = self.decoder(x, key_valid)
+        return x[:, 1:1 + n_img], x[:, 1 + n_img:1 + n_img + n_txt]
+
+    # ------------------------------------------------------------------- forward
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_padding_mask: torch.Tensor | None = None,
+                image_valid: torch.Tensor | None = None, *,
+                image_mask_ratio: float | None = None, text_mask_ratio: float | None = None,
+                generator: torch.Generator | None = None,
+                image_noise: torch.Tensor | None = None, text_noise: torch.Tensor | None = None,
+                text_logits: str = "all") -> M3AEOutput:
+        """Masked forward for pre-training. Mask ratios default to the config's.
+
+        ``text_logits="masked"`` computes the text head only where the loss needs it.
+        """
+        cfg = self.config
+        image_mask_ratio = cfg.image_mask_ratio if image_mask_ratio is None else image_mask_ratio
+        text_mask_ratio = cfg.text_mask_ratio if text_mask_ratio is None else text_mask_ratio
+        enc, patches = self.forward_encoder(
+            image, text, text_padding_mask, image_valid, image_mask_ratio=image_mask_ratio,
+            text_mask_ratio=text_mask_ratio, generator=generator, image_noise=image_noise,
+            text_noise=text_noise)
+        h_img, h_txt = self.forward_decoder(enc)
+        image_pred = image_mask = logits = text_mask = None
+        if enc.image_masking is not None:
+            image_pred = self.image_head(h_img)
+            image_mask = enc.image_masking.mask
+        if enc.text_masking is not None:
+            text_mask = enc.text_masking.mask
+            if text_logits == "masked":
+                logits = self.text_head(h_txt[text_mask])
+            elif text_logits == "all":
+                logits = self.text_head(h_txt)
+            else:
+                raise ValueError("text_logits must be 'all' or 'masked'")
+        return M3AEOutput(image_pred, patches, image_mask, logits, text, text_mask, enc.latent)
+
+    @torch.no_grad()
+    def reconstruct(self, image=None, text=None, text_padding_mask=None, **kw) -> M3AEOutput:
+        """A masked forward in eval mode, for pictures and predicted words."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(image, text, text_padding_mask, **kw)
+        finally:
+            self.train(was_training)
+
+    def forward_features(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                         text_padding_mask: torch.Tensor | None = None,
+                         image_valid: torch.Tensor | None = None,
+                         return_intermediates: bool = False):
+        """Encoder output for full, unmasked inputs: (B, 1 + L_img + T, D), CLS first.
+
+        This is the official ``forward_representation``; take ``[:, 0]`` for the CLS feature.
+        """
+        enc, _ = self.forward_encoder(image, text, text_padding_mask, image_valid,
+                                      return_intermediates=return_intermediates)
+        return (enc.latent, enc.intermediates) if return_intermediates else enc.latent
+
+    @torch.no_grad()
+    def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                       text_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-layer encoder attention weights (B, heads, N, N) for full, unmasked inputs."""
+        enc, _ = self.forward_encoder(image, text, text_padding_mask, return_intermediates=True)
+        # Recompute each block's attention from the block inputs.
+        x = [self._encoder_input(image, text)] + enc.intermediates[:-1]
+        mask = None if enc.key_valid is None else enc.key_valid[:, None, None, :]
+        maps = []
+        for blk, h in zip(self.encoder.blocks, x):
+            _, w = blk.attn(blk.norm1(h), mask, return_attention=True)
+            maps.append(w)
+        return maps
+
+    def _encoder_input(self, image, text) -> torch.Tensor:
+        ref = image if image is not None else text
+        parts = [self.cls_token.expand(ref.shape[0], -1, -1)]
+        if image is not None:
+            parts.append(self.embed_image(image)[0])
+        if text is not None:
+            parts.append(self.embed_text(text))
+        return torch.cat(parts, dim=1)
+
+
+def create_model(preset: str = "base", **overrides) -> M3AE:
+    """Build an M3AE from a named preset (``tiny``, ``small``, ``base``, ``large``, ``huge``)."""
+    return M3AE(model_config(preset, **overrides))

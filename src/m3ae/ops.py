@@ -1,0 +1,158 @@
+"""Small tensor helpers shared by every path: patchify, sin-cos tables, masking, gather.
+
+Each idea lives here once; the model, the losses, the visualisations and the checkpoint
+converters all call these functions rather than re-deriving the layouts.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+# ---------------------------------------------------------------------------- patches
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C), patches row by row, inside a patch (y, x, channel).
+
+    This is MAE's order and the official JAX M3AE order (channels last inside a patch).
+    """
+    b, c, h, w = images.shape
+    p = patch_size
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+    gh, gw = h // p, w // p
+    x = images.reshape(b, c, gh, p, gw, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)
+    return x.reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, grid: tuple[int, int] | None = None,
+               channels: int = 3) -> torch.Tensor:
+    """Inverse of :func:`patchify`: (B, L, p*p*C) -> (B, C, H, W). A square grid unless given."""
+    b, n, _ = patches.shape
+    p = patch_size
+    if grid is None:
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f"{n} patches do not form a square grid; pass grid=")
+        grid = (side, side)
+    gh, gw = grid
+    x = patches.reshape(b, gh, gw, p, p, channels)
+    x = torch.einsum("bhwpqc->bchpwq", x)
+    return x.reshape(b, channels, gh * p, gw * p)
+
+
+# ---------------------------------------------------------------------- sin-cos tables
+def sincos_1d(dim: int, positions: torch.Tensor | int) -> torch.Tensor:
+    """Fixed 1-D table: ``[sin(p * w_i), cos(p * w_i)]`` with ``w_i = 1 / 10000^(i / (dim/2))``.
+
+    Returns (len(positions), dim) float32. Computed in float64 so that tables for long
+    sequences match the NumPy reference to float32 precision.
+    """
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
+    if isinstance(positions, int):
+        positions = torch.arange(positions)
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = positions.to(torch.float64).reshape(-1)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None) -> torch.Tensor:
+    """Fixed 2-D table for a row-major patch grid, (grid_h * grid_w, dim).
+
+    As in MAE: the first half of the channels encodes the column index, the second half the
+    row index, each with the 1-D formula at dim/2.
+    """
+    grid_w = grid_h if grid_w is None else grid_w
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    rows = torch.arange(grid_h).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w).repeat(grid_h)
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
+
+
+# -------------------------------------------------------------------------- masking
+class Masking(NamedTuple):
+    """One modality's random masking for a batch.
+
+    ``ids_shuffle`` orders each sample's positions as kept first, then masked, then invalid
+    (padding); ``ids_restore`` undoes it. The encoder gets the first ``num_slots`` positions;
+    ``slot_valid`` says which of those slots hold a real kept token (samples keep different
+    numbers of caption tokens, so the tail of the slots is padding). ``mask`` is True at the
+    positions the loss is computed on: valid and not kept.
+    """
+
+    ids_shuffle: torch.Tensor  # (B, L) long
+    ids_restore: torch.Tensor  # (B, L) long
+    slot_valid: torch.Tensor   # (B, num_slots) bool
+    mask: torch.Tensor         # (B, L) bool, True = hidden from the encoder and valid
+    complete: bool = False     # every position sits in its own slot (no masking at all)
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_valid.shape[1]
+
+    @property
+    def ids_keep(self) -> torch.Tensor:
+        return self.ids_shuffle[:, : self.num_slots]
+
+
+def num_kept(num_valid: torch.Tensor | int, mask_ratio: float):
+    """Tokens kept out of ``num_valid``: ``floor(num_valid * (1 - mask_ratio))``.
+
+    The same rounding as MAE's ``int(L * (1 - mask_ratio))``, applied per sample to the
+    real (non-padding) tokens. At ratio 0.75 a caption of 10 real tokens keeps 2.
+    """
+    keep_frac = 1.0 - float(mask_ratio)
+    if isinstance(num_valid, int):
+        return int(num_valid * keep_frac + 1e-6)
+    return torch.floor(num_valid.to(torch.float64) * keep_frac + 1e-6).long()
+
+
+def random_masking(valid: torch.Tensor, mask_ratio: float, *,
+                   generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None,
+                   all_valid: bool = False) -> Masking:
+    """Independent random masking per sample over the valid positions of each row.
+
+    ``valid`` (B, L) bool marks real tokens (False = padding or an absent modality).
+    Each sample keeps ``num_kept(valid.sum(1), mask_ratio)`` of its valid tokens, chosen
+    uniformly at random; padding is never kept. The number of encoder slots is the static
+    bound ``num_kept(L, mask_ratio)`` so that no host synchronisation is needed. Pass
+    ``all_valid=True`` when every position is known valid (images) to skip the bookkeeping.
+    ``noise`` (B, L) in [0, 1) replaces the random draw (as in MAE), for reproducible tests.
+    """
+    b, length = valid.shape
+    if not 0.0 <= mask_ratio < 1.0 + 1e-9:
+        raise ValueError(f"mask ratio must be in [0, 1], got {mask_ratio}")
+    if noise is None:
+        noise = torch.rand(b, length, device=valid.device, generator=generator)
+    # Invalid positions sort after every valid one.
+    noise = noise.masked_fill(~valid, 2.0)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    slots = num_kept(length, mask_ratio)
+    rank = ids_restore  # rank of each position in the shuffled order
+    if all_valid:
+        slot_valid = torch.ones(b, slots, dtype=torch.bool, device=valid.device)
+        mask = rank >= slots
+    else:
+        keep = num_kept(valid.sum(1), mask_ratio)  # (B,)
+        slot_valid = torch.arange(slots, device=valid.device)[None, :] < keep[:, None]
+        mask = (rank >= keep[:, None]) & valid
+    return Masking(ids_shuffle, ids_restore, slot_valid, mask)
+
+
+def no_masking(valid: torch.Tensor, all_valid: bool = False) -> Masking:
+    """Keep every valid position in place (for features and ratio-0 forwards)."""
+    b, length = valid.shape
+    ids = torch.arange(length, device=valid.device).expand(b, length)
+    slot_valid = torch.ones_like(valid) if all_valid else valid
+    return Masking(ids, ids, slot_valid, torch.zeros_like(valid), complete=True)
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, L, D), ids (B, K) -> (B, K, D): the tokens at ``ids`` for each sample."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))

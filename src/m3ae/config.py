@@ -69,7 +69,7 @@ _DECODER = dict(dec_emb_dim=512, dec_depth=8, dec_num_heads=16)
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and the demo: 32 px images, 4 px patches (an 8x8 grid), a small vocabulary.
     "tiny": dict(image_size=32, patch_size=4, vocab_size=1024, max_text_len=32, emb_dim=128,
-                 depth=4, num_heads=4, dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
+                 depth=4, num_heads=4, dec_emb_dim=64, dec_depth=2, dec_num_heads=4),
     "small": dict(emb_dim=384, depth=12, num_heads=6, **_DECODER),
     "base": dict(emb_dim=768, depth=12, num_heads=12, **_DECODER),
     "large": dict(emb_dim=1024, depth=24, num_heads=16, **_DECODER),
@@ -199,6 +199,10 @@ def _coerce_section(cls, values: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_value(text: str) -> Any:
     """'3' -> 3, '0.5' -> 0.5, 'true' -> True, '[0.2,1]' -> [0.2, 1], 'abc' -> 'abc'."""
+    try:
+        return float(text) if any(c in text for c in ".eE") and not text.isalpha() else int(text)
+    except ValueError:
+        pass
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -205,6 +205,16 @@ class M3AE(nn.Module):
         self.encoder.grad_checkpointing = enable
         self.decoder.grad_checkpointing = enable
 
+    def save_pretrained(self, directory, tokenizer=None):
+        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory``."""
+        from .pretrained import save_pretrained
+        return save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location: str = "cpu") -> M3AE:
+        from .pretrained import load_pretrained
+        return load_pretrained(directory, map_location)
+
     def _type(self, name: str) -> torch.Tensor | float:
         return getattr(self, name) if self.config.use_type_embedding else 0.0
 

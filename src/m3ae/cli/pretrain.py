@@ -1,0 +1,43 @@
+"""m3ae pretrain: pre-train an M3AE (or an MAE, with no captions) from a config."""
+from __future__ import annotations
+
+from .common import add_config_args, config_from_args
+
+EPILOG = """examples:
+  m3ae pretrain --preset tiny --out runs/tiny train.steps=500
+  m3ae pretrain --preset base --out runs/cc --config cc12m.yaml train.precision=bf16
+  m3ae pretrain --out runs/tiny --resume latest          # continue an interrupted run
+  m3ae pretrain --preset tiny --out runs/tin data.source=webdataset \\
+      data.urls='../shared/data/tiny-imagenet-captions/train-{000000..000007}.tar.gz' data.tokenizer=tok.json
+"""
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("pretrain", help="pre-train an M3AE", description=__doc__, epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, default_preset="tiny")
+    p.add_argument("--out", required=True, help="run folder (config, metrics, checkpoints, pictures)")
+    p.add_argument("--resume", default=None,
+                   help="'latest' (newest checkpoint in --out) or a checkpoint folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..config import Config
+    from ..training import pretrain
+
+    saved = Path(args.out) / "config.yaml"
+    if args.resume and saved.is_file() and args.config is None and args.preset is None:
+        # Resuming continues the run as it was configured; overrides still apply on top.
+        from ..config import apply_overrides, read_config_file
+        cfg = Config.from_dict(apply_overrides(read_config_file(saved), args.overrides))
+    else:
+        cfg = config_from_args(args)
+    result = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}")
+    return 0

@@ -1,0 +1,47 @@
+"""Samples -> batches: stacks images, tokenises captions, marks missing modalities.
+
+A batch is a dict with:
+- ``image`` (B, 3, H, W) or None when no sample has an image;
+- ``image_valid`` (B,) bool, or None when every sample has an image;
+- ``text`` (B, T) long and ``text_padding_mask`` (B, T) bool (True = padding), or None when
+  no sample has a caption (a sample without one is all padding);
+- ``label`` (B,) long (-1 where unknown) and ``key`` (list of str).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..tokenizer import TextEncoder
+
+
+class Collator:
+    def __init__(self, text_encoder: TextEncoder | None):
+        self.text_encoder = text_encoder
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch: dict = {"key": [s.get("key", "") for s in samples]}
+        images = [s.get("image") for s in samples]
+        present = [im is not None for im in images]
+        if any(present):
+            ref = next(im for im in images if im is not None)
+            batch["image"] = torch.stack([im if im is not None else torch.zeros_like(ref) for im in images])
+            batch["image_valid"] = None if all(present) else torch.tensor(present)
+        else:
+            batch["image"] = batch["image_valid"] = None
+        captions = [s.get("caption") for s in samples]
+        if self.text_encoder is not None and any(c for c in captions):
+            ids, pad = self.text_encoder([c or "" for c in captions])
+            batch["text"], batch["text_padding_mask"] = ids, pad
+        else:
+            batch["text"] = batch["text_padding_mask"] = None
+        batch["label"] = torch.tensor([int(s.get("label", -1)) for s in samples], dtype=torch.long)
+        return batch
+
+
+def model_inputs(batch: dict, device: torch.device | str) -> dict:
+    """The tensors of a batch that :class:`m3ae.M3AE` takes, moved to ``device``."""
+    out = {}
+    for name in ("image", "text", "text_padding_mask", "image_valid"):
+        t = batch.get(name)
+        out[name] = None if t is None else t.to(device, non_blocking=True)
+    return out

@@ -1,0 +1,137 @@
+"""Built-in data: procedurally drawn coloured shapes with captions that describe them.
+
+Every sample is a pure function of ``(seed, index)``, so the dataset needs no files and no
+downloads and is the same on every machine. Each image holds one or two shapes (five
+kinds, seven colours, two sizes, a 3x3 grid of positions) on a textured background; the
+caption names each shape's size, colour, kind and position in one of several templates.
+A caption word such as a colour cannot be guessed from the rest of the caption, only from
+the pixels, which is what makes the text informative about the image (and vice versa).
+
+The label is the kind of the first shape named in the caption (5 classes), for probing.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+COLOURS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (240, 220, 40),
+    "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (245, 245, 245),
+}
+SIZES = {"small": 0.13, "large": 0.22}  # radius as a fraction of the image side
+ROWS = ["top", "middle", "bottom"]
+COLS = ["left", "center", "right"]
+TEMPLATES = [
+    "a {objects}.",
+    "a picture of a {objects}.",
+    "there is a {objects}.",
+    "this image shows a {objects}.",
+]
+_SUPERSAMPLE = 4
+
+
+def position_phrase(row: int, col: int) -> str:
+    if row == 1 and col == 1:
+        return "in the center"
+    if row == 1:
+        return f"on the {COLS[col]}"
+    if col == 1:
+        return f"at the {ROWS[row]}"
+    return f"at the {ROWS[row]} {COLS[col]}"
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        pts = [(math.cos(angle + k * math.pi / 2 + math.pi / 4), math.sin(angle + k * math.pi / 2 + math.pi / 4))
+               for k in range(4)]
+        scale = r
+    elif shape == "triangle":
+        pts = [(math.cos(-math.pi / 2 + k * 2 * math.pi / 3), math.sin(-math.pi / 2 + k * 2 * math.pi / 3))
+               for k in range(3)]
+        scale = r * 1.15
+    elif shape == "diamond":
+        pts = [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)]
+        scale = r * 1.1
+    elif shape == "cross":
+        a = 0.33
+        pts = [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
+               (-1, -a), (-a, -a)]
+        scale = r
+    else:
+        raise ValueError(shape)
+    return [(cx + scale * x, cy + scale * y) for x, y in pts]
+
+
+def render_sample(seed: int, index: int, image_size: int = 32):
+    """-> (PIL RGB image, caption, label, structured description)."""
+    # Content and texture draw from separate streams, so captions do not depend on image_size.
+    rng = np.random.default_rng([seed, index, 0])
+    tex = np.random.default_rng([seed, index, 1])
+    s = image_size * _SUPERSAMPLE
+    # Background: a muted colour with a gradient and a little texture.
+    base = rng.uniform(40, 140, size=3)
+    tilt = rng.uniform(-40, 40, size=3)
+    ramp = np.linspace(-0.5, 0.5, s)[:, None, None]
+    bg = base + tilt * (ramp if rng.random() < 0.5 else ramp.transpose(1, 0, 2))
+    bg = np.broadcast_to(bg, (s, s, 3))
+    img = Image.fromarray(np.ascontiguousarray(np.clip(bg, 0, 255).astype(np.uint8)), "RGB")
+    draw = ImageDraw.Draw(img)
+
+    n_objects = 1 if rng.random() < 0.5 else 2
+    cells = rng.choice(9, size=n_objects, replace=False)
+    objects = []
+    for cell in cells:
+        row, col = divmod(int(cell), 3)
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        size = list(SIZES)[rng.integers(len(SIZES))]
+        r = SIZES[size] * s
+        jitter = (s / 3) * 0.12
+        cx = (col + 0.5) * s / 3 + rng.uniform(-jitter, jitter)
+        cy = (row + 0.5) * s / 3 + rng.uniform(-jitter, jitter)
+        fill = tuple(int(c) for c in np.clip(np.array(COLOURS[colour]) + rng.normal(0, 10, 3), 0, 255))
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(-0.15, 0.15)), fill=fill)
+        objects.append(dict(shape=shape, colour=colour, size=size, row=row, col=col))
+    # Draw large, shrink (anti-aliased edges), then add pixel noise at the final size.
+    small = np.asarray(img.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.float32)
+    small = small + tex.normal(0, 6, size=small.shape)
+    img = Image.fromarray(np.clip(small, 0, 255).astype(np.uint8), "RGB")
+
+    phrases = [f"{o['size']} {o['colour']} {o['shape']} {position_phrase(o['row'], o['col'])}" for o in objects]
+    caption = TEMPLATES[rng.integers(len(TEMPLATES))].format(objects=" and a ".join(phrases))
+    return img, caption, SHAPES.index(objects[0]["shape"]), objects
+
+
+class ShapesDataset(Dataset):
+    """``size`` samples drawn from ``seed``; items are dicts with key, image, caption, label."""
+
+    num_classes = len(SHAPES)
+    class_names = SHAPES
+
+    def __init__(self, size: int = 20000, image_size: int = 32, seed: int = 0, transform=None):
+        self.size = size
+        self.image_size = image_size
+        self.seed = seed
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        img, caption, label, _ = render_sample(self.seed, index, self.image_size)
+        sample = dict(key=f"shapes-{self.seed}-{index:08d}", image=img, caption=caption, label=label)
+        return self.transform(sample) if self.transform is not None else sample
+
+    def captions(self, limit: int | None = None):
+        """Captions only (cheap to iterate, e.g. to train a tokenizer)."""
+        for i in range(self.size if limit is None else min(limit, self.size)):
+            yield render_sample(self.seed, i, 8)[1]

@@ -1,0 +1,119 @@
+"""BERT-uncased WordPiece tokenisation through HF ``tokenizers``; never downloads anything.
+
+A tokenizer is found from a ``vocab.txt``, a ``tokenizer.json``, a folder holding either, or
+a Hugging Face model name that is already in the local cache. ``train_wordpiece`` builds a
+vocabulary from captions so that an offline machine always has a working tokenizer.
+
+Captions are encoded without [CLS]/[SEP] (the model has its own CLS token), truncated to
+``text_len`` and padded with [PAD]; the padding mask is True at padding.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class TokenizerNotFound(FileNotFoundError):
+    pass
+
+
+def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def from_vocab_file(path: str | Path) -> Tokenizer:
+    """A BERT-uncased WordPiece tokenizer from a ``vocab.txt``."""
+    vocab = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            vocab[line.rstrip("\n")] = i
+    return _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+
+
+def _find_in_hf_cache(name: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # optional: fall back to the cache layout
+        try_to_load_from_cache = None
+    for filename in ("tokenizer.json", "vocab.txt"):
+        if try_to_load_from_cache is not None:
+            hit = try_to_load_from_cache(name, filename)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return Path(hit)
+        else:
+            home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+            for hit in sorted((home / "hub").glob(f"models--{name.replace('/', '--')}/snapshots/*/{filename}")):
+                return hit
+    return None
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """Load a tokenizer from a file, a folder, or a cached Hugging Face name (offline)."""
+    path = Path(spec)
+    if path.is_dir():
+        for filename in ("tokenizer.json", "vocab.txt"):
+            if (path / filename).is_file():
+                return load_tokenizer(path / filename)
+        raise TokenizerNotFound(f"folder {path} holds neither tokenizer.json nor vocab.txt")
+    if path.is_file():
+        if path.suffix == ".json":
+            return Tokenizer.from_file(str(path))
+        return from_vocab_file(path)
+    hit = _find_in_hf_cache(str(spec))
+    if hit is not None:
+        return load_tokenizer(hit)
+    raise TokenizerNotFound(
+        f"tokenizer {str(spec)!r} is neither a file, a folder, nor a model in the local Hugging Face "
+        "cache, and m3ae never downloads at run time. Either pass the path of a BERT vocab.txt / "
+        "tokenizer.json, fetch it once with `huggingface-cli download bert-base-uncased vocab.txt`, "
+        "or build one from your captions with `m3ae tokenizer train CAPTIONS.txt -o tokenizer.json`.")
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1) -> Tokenizer:
+    """Train an uncased WordPiece vocabulary (BERT's normaliser and pre-tokeniser) on captions."""
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##")
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+class TextEncoder:
+    """Captions -> fixed-length id tensors and padding masks."""
+
+    def __init__(self, tokenizer: Tokenizer, text_len: int = 64):
+        self.tokenizer = tokenizer
+        self.text_len = text_len
+        pad = tokenizer.token_to_id("[PAD]")
+        self.pad_id = 0 if pad is None else pad
+        self.mask_id = tokenizer.token_to_id("[MASK]")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def ids(self, caption: str) -> list[int]:
+        return self.tokenizer.encode(caption, add_special_tokens=False).ids[: self.text_len]
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids (B, text_len) long, padding mask (B, text_len) bool (True = padding)."""
+        ids = torch.full((len(captions), self.text_len), self.pad_id, dtype=torch.long)
+        pad = torch.ones(len(captions), self.text_len, dtype=torch.bool)
+        for i, enc in enumerate(self.tokenizer.encode_batch(list(captions), add_special_tokens=False)):
+            row = enc.ids[: self.text_len]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            pad[i, : len(row)] = False
+        return ids, pad
+
+    def decode_tokens(self, ids: Iterable[int]) -> list[str]:
+        return [self.tokenizer.id_to_token(int(i)) or "[UNK]" for i in ids]

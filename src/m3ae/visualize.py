@@ -1,0 +1,117 @@
+"""Pictures: reconstruction grids (original / masked / reconstruction) and loss curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .data.transforms import denormalize  # noqa: E402
+from .ops import patchify, unpatchify  # noqa: E402
+
+
+@torch.no_grad()
+def reconstruction_images(model, image: torch.Tensor, out, norm_pix_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (original, masked, reconstruction with visible patches pasted back), pixels in [0, 1].
+
+    With a per-patch normalised target (norm_pix_loss) the prediction is put back in the
+    input's patch statistics before display, as MAE's visualisation does.
+    """
+    p = model.config.patch_size
+    target = patchify(image, p)
+    pred = out.image_pred.float()
+    if norm_pix_loss:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    mask = out.image_mask[..., None].to(pred.dtype)
+    pasted = denormalize(unpatchify(target * (1 - mask) + pred * mask, p))
+    original = denormalize(image)
+    hidden = unpatchify(mask.expand_as(target), p)  # 1 on masked pixels
+    masked = original * (1 - hidden) + 0.5 * hidden  # masked patches shown grey
+    return original, masked, pasted
+
+
+def caption_with_predictions(text_encoder, ids, padding, text_mask, logits_row) -> str:
+    """Caption tokens with masked ones shown as [true→predicted]."""
+    words = []
+    pred = logits_row.argmax(-1) if logits_row is not None else None
+    for j in range(ids.shape[0]):
+        if padding[j]:
+            break
+        tok = text_encoder.tokenizer.id_to_token(int(ids[j]))
+        if text_mask[j] and pred is not None:
+            guess = text_encoder.tokenizer.id_to_token(int(pred[j]))
+            words.append(f"[{tok}→{guess}]" if guess != tok else f"[{tok}]")
+        else:
+            words.append(tok)
+    return " ".join(words).replace(" ##", "")
+
+
+@torch.no_grad()
+def save_reconstruction_grid(model, batch: dict, path: str | Path, text_encoder=None, n: int = 6,
+                             generator: torch.Generator | None = None, norm_pix_loss: bool = False) -> Path:
+    """A PNG with one row per sample: original, masked, reconstruction (+ caption predictions)."""
+    device = next(model.parameters()).device
+    image = batch["image"][:n].to(device)
+    text = pad = None
+    if batch.get("text") is not None:
+        text = batch["text"][:n].to(device)
+        pad = batch["text_padding_mask"][:n].to(device)
+    out = model.reconstruct(image, text, pad, generator=generator)
+    orig, masked, recon = (t.cpu() for t in reconstruction_images(model, image, out, norm_pix_loss))
+    rows = image.shape[0]
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.3), squeeze=False)
+    for i in range(rows):
+        for j, (im, title) in enumerate(((orig, "original"), (masked, "masked"), (recon, "reconstruction"))):
+            ax = axes[i, j]
+            ax.imshow(im[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+        if text is not None and text_encoder is not None:
+            cap = caption_with_predictions(text_encoder, text[i].cpu(), pad[i].cpu(), out.text_mask[i].cpu(),
+                                           out.text_logits[i].cpu())
+            axes[i, 1].set_xlabel(_wrap(cap, 70), fontsize=6.5)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, cur = text.split(), [], ""
+    for w in words:
+        if len(cur) + len(w) + 1 > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}".strip()
+    lines.append(cur)
+    return "\n".join(lines)
+
+
+def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path,
+                    keys=("loss", "image_loss", "text_loss", "text_accuracy")) -> Path:
+    """Plot the training metrics logged as JSON lines."""
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step" in r and "loss" in r]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -47,7 +47,10 @@ def _find_in_hf_cache(name: str) -> Path | None:
         try_to_load_from_cache = None
     for filename in ("tokenizer.json", "vocab.txt"):
         if try_to_load_from_cache is not None:
-            hit = try_to_load_from_cache(name, filename)
+            try:
+                hit = try_to_load_from_cache(name, filename)
+            except Exception:  # not a valid repo id (e.g. a path that does not exist)
+                return None
             if isinstance(hit, str) and os.path.isfile(hit):
                 return Path(hit)
         else:

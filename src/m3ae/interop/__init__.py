@@ -1,0 +1,1 @@
+"""Interoperability: official JAX checkpoints, timm, and one filter for foreign state dicts."""

@@ -46,6 +46,13 @@ def _frombuffer(buf, dtype, shape, order):
     return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy(order="K")
 
 
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    # Protocol 2 stores bytes as _codecs.encode(str, "latin1"); allow exactly that use.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin1 byte strings")
+    return text.encode("latin1", errors)
+
+
 def _allowed(module: str, name: str):
     """The real object for an allow-listed global, or None."""
     if module in _NUMPY_MODULES:
@@ -59,6 +66,8 @@ def _allowed(module: str, name: str):
     if module == "builtins":
         return {"set": set, "frozenset": frozenset, "list": list, "dict": dict, "tuple": tuple,
                 "complex": complex, "bytearray": bytearray, "slice": slice}.get(name)
+    if module in ("_codecs", "codecs") and name == "encode":
+        return _latin1_encode
     if module == "collections" and name == "OrderedDict":
         return collections.OrderedDict
     return None
@@ -127,6 +136,8 @@ class SafeUnpickler(pickle.Unpickler):
     """Unpickler that never imports or calls anything outside the allow-list."""
 
     def __init__(self, file, **kwargs):
+        # latin1 reads numpy arrays pickled by Python 2 (numpy's own advice); no effect otherwise.
+        kwargs.setdefault("encoding", "latin1")
         super().__init__(file, **kwargs)
         self.stubbed: set[str] = set()
 

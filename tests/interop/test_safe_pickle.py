@@ -114,3 +114,44 @@ def test_garbage_file_is_a_clear_error(tmp_path):
     src.write_bytes(pickle.dumps({"hello": 1}))
     with pytest.raises(ValueError, match="not an official M3AE/MAE checkpoint"):
         load_official_checkpoint(src)
+
+
+def test_jax_array_and_frozendict_leaves(monkeypatch):
+    """Params stored as jax Arrays inside a FrozenDict (older official runs) become numpy arrays."""
+    import types
+
+    from m3ae.interop.official import _plain_tree
+
+    fake = types.ModuleType("fake_jax_array")
+
+    def _reconstruct_array(fun, args, arr_state, aval_state):  # never called by the reader
+        raise AssertionError("executed")
+
+    _reconstruct_array.__module__ = "fake_jax_array"
+    _reconstruct_array.__qualname__ = "_reconstruct_array"
+    fake._reconstruct_array = _reconstruct_array
+
+    class FrozenDict(dict):
+        def __reduce__(self):
+            return FrozenDict, (dict(self),)
+
+    FrozenDict.__module__ = "fake_jax_array"
+    FrozenDict.__qualname__ = "FrozenDict"
+    fake.FrozenDict = FrozenDict
+    monkeypatch.setitem(sys.modules, "fake_jax_array", fake)
+
+    class JaxArray:
+        def __init__(self, a):
+            self.a = a
+
+        def __reduce__(self):
+            fun, args, state = self.a.__reduce__()
+            return _reconstruct_array, (fun, args, state, {"weak_type": False})
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    data = pickle.dumps({"params": FrozenDict(kernel=JaxArray(a))})
+    monkeypatch.delitem(sys.modules, "fake_jax_array")  # the reader must not need it
+    obj, stubbed = safe_load(data)
+    assert "fake_jax_array._reconstruct_array" in stubbed
+    tree = _plain_tree(obj)
+    np.testing.assert_array_equal(tree["params"]["kernel"], a)

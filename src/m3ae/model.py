@@ -211,9 +211,15 @@ class M3AE(nn.Module):
         return save_pretrained(self, directory, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str = "cpu") -> M3AE:
+    def from_pretrained(cls, directory, map_location: str = "cpu", revision: str | None = None) -> M3AE:
+        """Load a pretrained folder, or a Hub repo id already in the local HF cache (no downloads)."""
         from .pretrained import load_pretrained
-        return load_pretrained(directory, map_location)
+        return load_pretrained(directory, map_location, revision=revision)
+
+    def push_to_hub(self, repo_id: str, tokenizer=None, **kwargs) -> str:
+        """Upload to the Hugging Face Hub (optional extra ``hub``); see :func:`m3ae.pretrained.push_to_hub`."""
+        from .pretrained import push_to_hub
+        return push_to_hub(self, repo_id, tokenizer, **kwargs)
 
     def _type(self, name: str) -> torch.Tensor | float:
         return getattr(self, name) if self.config.use_type_embedding else 0.0

@@ -2,6 +2,10 @@
 
 The layout of a Hugging Face Hub model repository, so ``huggingface_hub`` can push and pull
 it. Training checkpoints use the same layout plus a ``trainer_state.pt``.
+
+Loading never downloads: a name that is not a folder on disk is looked up in the local
+Hugging Face cache only (fill it once with ``huggingface-cli download REPO_ID``). Pushing
+(:func:`push_to_hub`) needs the optional ``hub`` extra and network access.
 """
 from __future__ import annotations
 
@@ -55,11 +59,40 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in raw.items() if k in known})
 
 
-def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu", strict: bool = True):
-    """Build the model described by ``config.json`` and load ``model.safetensors`` into it."""
+def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A pretrained folder on disk, or the snapshot of a Hub repo id in the local HF cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    # Only names shaped like a repo id ("name" or "owner/name") are looked up in the cache.
+    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            try_to_load_from_cache = None
+        if try_to_load_from_cache is not None:
+            config = try_to_load_from_cache(name, CONFIG_NAME, revision=revision)
+            weights = try_to_load_from_cache(name, WEIGHTS_NAME, revision=revision)
+            if isinstance(config, str) and isinstance(weights, str) and os.path.isfile(weights):
+                return Path(config).parent
+    raise FileNotFoundError(
+        f"{name!r} is neither a pretrained folder on disk nor a model (config.json and "
+        f"model.safetensors) in the local Hugging Face cache, and m3ae never downloads on its own. "
+        f"Fetch it once with `huggingface-cli download {name}` (needs `pip install m3ae[hub]` and "
+        "network), then load it again by the same name.")
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu", strict: bool = True,
+                    revision: str | None = None):
+    """Build the model described by ``config.json`` and load ``model.safetensors`` into it.
+
+    ``directory`` is a folder or a Hub repo id already in the local HF cache (see
+    :func:`resolve_pretrained`).
+    """
     from .model import M3AE
 
-    directory = Path(directory)
+    directory = resolve_pretrained(directory, revision)
     model = M3AE(read_model_config(directory))
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -86,3 +119,26 @@ def load_state_dict_checked(model: torch.nn.Module, state: dict, strict: bool = 
             lines.append("shape mismatches: " + "; ".join(shapes))
         raise ValueError("checkpoint does not fit the model:\n  " + "\n  ".join(lines))
     model.load_state_dict(state, strict=False)
+
+
+def push_to_hub(model, repo_id: str, tokenizer=None, *, private: bool | None = None,
+                token: str | None = None, commit_message: str = "Upload M3AE",
+                revision: str | None = None) -> str:
+    """Upload ``model`` (config.json + model.safetensors [+ tokenizer.json]) to a Hub repo.
+
+    Creates the repo if needed. Needs the optional ``hub`` extra and network access; returns
+    the commit URL.
+    """
+    import tempfile
+
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as e:
+        raise ImportError("push_to_hub needs huggingface_hub: pip install 'm3ae[hub]'") from e
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, tokenizer)
+        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
+                                 revision=revision, repo_type="model")
+    return str(getattr(info, "commit_url", info))

@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `m3ae --help` lists them.
-COMMANDS = ["demo", "pretrain", "tokenizer"]
+COMMANDS = ["demo", "pretrain", "tokenizer", "convert-official", "export-timm"]
 
 
 class UserError(Exception):

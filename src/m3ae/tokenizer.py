@@ -31,13 +31,16 @@ def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+def from_vocab(tokens: list[str]) -> Tokenizer:
+    """A BERT-uncased WordPiece tokenizer over ``tokens`` (ids in list order)."""
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    return _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+
+
 def from_vocab_file(path: str | Path) -> Tokenizer:
     """A BERT-uncased WordPiece tokenizer from a ``vocab.txt``."""
-    vocab = {}
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            vocab[line.rstrip("\n")] = i
-    return _bert_pipeline(Tokenizer(models.WordPiece(vocab, unk_token="[UNK]")))
+        return from_vocab([line.rstrip("\n") for line in f])
 
 
 def _find_in_hf_cache(name: str) -> Path | None:
@@ -83,7 +86,11 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
 
 
 def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1) -> Tokenizer:
-    """Train an uncased WordPiece vocabulary (BERT's normaliser and pre-tokeniser) on captions."""
+    """Train an uncased WordPiece vocabulary (BERT's normaliser and pre-tokeniser) on captions.
+
+    Token ids can differ between two trainings on the same text (the trainer breaks ties in
+    parallel), so a run saves its tokenizer beside every checkpoint; reuse that file.
+    """
     tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##")

@@ -59,3 +59,13 @@ def test_tokenizer_train_and_encode(tmp_path):
     caps.write_text("a red circle on the left\na blue square\n" * 10)
     m3ae("tokenizer", "train", caps, "-o", tmp_path / "tok.json", "--vocab-size", "60", "--min-frequency", "1")
     assert "red circle" in m3ae("tokenizer", "encode", tmp_path / "tok.json", "A red circle").stdout
+
+
+def test_demo_writes_its_outputs(tmp_path):
+    p = m3ae("demo", "--out", tmp_path / "demo", "--no-progress", "--eval-samples", "20", "train.steps=2",
+             "train.recon_every=0", *SMALL)
+    assert "masked-token accuracy" in p.stdout
+    for name in ("summary.md", "reconstructions.png", "loss_curve.png", "final/model.safetensors",
+                 "final/tokenizer.json"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert "| colour words |" in (tmp_path / "demo" / "summary.md").read_text()

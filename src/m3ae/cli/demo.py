@@ -18,7 +18,7 @@ def run(args) -> int:
 
     res = run_demo(args.out, args.overrides, args.eval_samples, progress=not args.no_progress)
     acc = res["accuracy"]
-    print(f"masked-token accuracy: {acc['with_image']['all']:.1%} with the image, "
+    print(f"masked-token accuracy: {acc['image_masked']['all']:.1%} with the image, "
           f"{acc['no_image']['all']:.1%} with the image removed")
     print(f"summary: {res['summary']}")
     return 0

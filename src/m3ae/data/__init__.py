@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..config import DataConfig
-from ..tokenizer import TextEncoder, load_tokenizer, train_wordpiece
+from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer
 from .collate import Collator, model_inputs
 from .synthetic import ShapesDataset
+from .synthetic import vocabulary as synthetic_vocabulary
 from .transforms import EvalTransform, PretrainTransform
 from .webdataset import webdataset_source
 
@@ -87,8 +88,8 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
     if cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     elif cfg.source == "synthetic":
-        ds = ShapesDataset(cfg.synthetic_size, seed=cfg.synthetic_seed)
-        tok = train_wordpiece(ds.captions(limit=2000), vocab_size=1000)
+        # The built-in captions use a closed set of words: a fixed vocabulary, no training.
+        tok = from_vocab(SPECIAL_TOKENS + synthetic_vocabulary())
     else:
         tok = load_tokenizer("bert-base-uncased")  # only from the local cache; says how otherwise
     return TextEncoder(tok, cfg.text_len)

@@ -109,6 +109,17 @@ def render_sample(seed: int, index: int, image_size: int = 32):
     return img, caption, SHAPES.index(objects[0]["shape"]), objects
 
 
+def vocabulary() -> list[str]:
+    """Every word the captions use, sorted: a closed vocabulary, so the tokenizer is fixed."""
+    words = set(SHAPES) | set(COLOURS) | set(SIZES) | set(ROWS) | set(COLS) | {"and", "a", "."}
+    for row in range(3):
+        for col in range(3):
+            words |= set(position_phrase(row, col).split())
+    for t in TEMPLATES:
+        words |= set(t.replace("{objects}", "").replace(".", " ").split())
+    return sorted(words)
+
+
 class ShapesDataset(Dataset):
     """``size`` samples drawn from ``seed``; items are dicts with key, image, caption, label."""
 

@@ -102,7 +102,8 @@ def decode_shard_sample(raw: dict, min_side: int = 0, max_chars: int = 1000) -> 
             events.append(("fix", "bad_label", where))
     if image is None and caption is None:
         raise BadSample("no_image_or_text", where)
-    return dict(key=where, image=image, caption=caption, label=label, _events=events)
+    # The key alone names the sample (it decides paired_fraction); messages also name the shard.
+    return dict(key=key, image=image, caption=caption, label=label, _events=events)
 
 
 class ShardSource:

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import image_bytes, pair_shards, write_tar
 from m3ae.config import DataConfig
-from m3ae.data import DataError, build_dataset, build_pretrain_loader, keeps_caption
+from m3ae.data import DataError, DataNotFound, build_dataset, build_pretrain_loader, keeps_caption
 from m3ae.data.sources import HDF5Source, ImageFolderSource, TableSource, TextSource
 from m3ae.data.webdataset import ShardSource
 
@@ -68,9 +68,9 @@ def test_bad_samples_in_shards_counted(tmp_path):
 
 
 def test_missing_shards_fail_at_start(tmp_path):
-    with pytest.raises(DataError, match="matched no file"):
+    with pytest.raises(DataNotFound, match="matched no file"):
         build_dataset(DataConfig(source="webdataset", urls=str(tmp_path / "*.tar")), 16)
-    with pytest.raises(DataError, match=r"1 of 1 shard\(s\) do not exist"):
+    with pytest.raises(DataNotFound, match=r"1 of 1 shard\(s\) do not exist"):
         build_dataset(DataConfig(source="webdataset", urls=str(tmp_path / "a-{0..0}.tar")), 16)
 
 
@@ -149,7 +149,7 @@ def test_table_caption_lists_and_errors(tmp_path):
     r.write_text("image,caption\nelsewhere/a.jpg,x\n")
     with pytest.raises(DataError, match="relative to the table's folder"):
         TableSource(str(r))
-    with pytest.raises(DataError, match="not an existing file"):
+    with pytest.raises(DataNotFound, match="not an existing file"):
         TableSource(str(tmp_path / "nope.csv"))
 
 
@@ -222,3 +222,15 @@ def test_mixture_batch_and_sample_modes(tmp_path):
     assert float(b["image"][~valid].abs().sum()) == 0.0
     with pytest.raises(DataError, match="needs data.mixture"):
         build_dataset(DataConfig(source="mixture"), 16)
+
+
+def test_webdataset_source_for_evaluation(tmp_path):
+    from m3ae.data.webdataset import webdataset_source
+
+    tar = write_tar(tmp_path / "e.tar", [("a.jpg", image_bytes(size=(8, 8))), ("a.cls", b"4"), ("b.jpg", b"bad")])
+    ds = webdataset_source(str(tar))
+    got = list(ds)
+    assert [(s["key"], s["label"], s["image"].size) for s in got] == [("a", 4, (8, 8))]
+    assert ds.skips.skipped["bad_image"] == 1
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        webdataset_source(str(tmp_path / "nope-{000..001}.tar"))

@@ -20,7 +20,7 @@ import torch
 from ..config import DataConfig
 from ..tokenizer import TextEncoder, load_tokenizer, train_wordpiece
 from .collate import Collator, model_inputs
-from .decode import BadSample, DataError, SkipCounter
+from .decode import BadSample, DataError, DataNotFound, SkipCounter
 from .loader import (EpochSampler, IndexedStream, MapDataset, PretrainLoader, StreamDataset,
                      keeps_caption)
 from .sources import open_indexed_source
@@ -30,7 +30,7 @@ from .webdataset import ShardSource
 
 __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "EvalTransform",
            "build_text_encoder", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
-           "BadSample", "DataError", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
+           "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
            "source_captions"]
 
 SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "mixture")

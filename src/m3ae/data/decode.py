@@ -37,6 +37,10 @@ class DataError(ValueError):
     A ``ValueError`` so that the CLI reports it as one line instead of a traceback."""
 
 
+class DataNotFound(FileNotFoundError):
+    """A configured path, file or shard pattern that does not exist or matches nothing."""
+
+
 # Pillow refuses images above ~179 MP by raising; below that it only warns. A web crawl has
 # a few such files; they are decoded (at reduced size when a JPEG), not treated as attacks.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -157,11 +157,13 @@ class StreamDataset(IterableDataset):
     """
 
     def __init__(self, components: list, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 mode: str = "batch", batch_size: int = 1):
+                 mode: str = "batch", batch_size: int = 1, drop_skipped: SkipCounter | None = None):
         if mode not in ("batch", "sample"):
             raise ValueError(f"data.mixture_mode must be 'batch' or 'sample', not {mode!r}")
         self.components, self.seed, self.rank, self.world_size = components, seed, rank, world_size
         self.mode, self.batch_size = mode, batch_size
+        # Outside PretrainLoader (e.g. evaluation's own DataLoader): count skips here, drop markers.
+        self.skips = drop_skipped
         self.epoch = 0
         self.resume_pos: dict[int, int] = {}  # worker id -> raw items to skip (set by the loader)
 
@@ -207,6 +209,10 @@ class StreamDataset(IterableDataset):
             stream, fn, _ = self.components[c]
             seed = zlib.crc32(f"{self.seed}/{self.epoch}/{slot}/{pos}".encode())
             sample = process(stream.decode, item, fn, seed)
+            if self.skips is not None:
+                self.skips.add(sample.pop("_events", ()), seen=1)
+                if "_skip" in sample:
+                    continue
             sample["_pos"] = (wid, pos + 1)
             yield sample
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .decode import BadSample, DataError, clean_caption, decode_image
+from .decode import BadSample, DataError, DataNotFound, clean_caption, decode_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "filename", "jpg")
@@ -43,11 +43,11 @@ class IndexedSource(Dataset):
 
 def _require(path: str, what: str, kind: str = "file") -> Path:
     if not path:
-        raise DataError(f"data.urls is empty; expected the path of {what}")
+        raise DataNotFound(f"data.urls is empty; expected the path of {what}")
     p = Path(path).expanduser()
     ok = p.is_file() if kind == "file" else p.is_dir()
     if not ok:
-        raise DataError(f"{path} is not an existing {kind}; expected {what}")
+        raise DataNotFound(f"{path} is not an existing {kind}; expected {what}")
     return p
 
 

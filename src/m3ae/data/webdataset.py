@@ -29,7 +29,7 @@ import webdataset as wds
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .decode import BadSample, DataError, clean_caption, decode_image
+from .decode import BadSample, DataError, DataNotFound, SkipCounter, clean_caption, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -57,11 +57,11 @@ def _is_remote(url: str) -> bool:
 
 def check_local_shards(urls: list[str], pattern: str = "") -> None:
     if not urls:
-        raise DataError(f"no WebDataset shards: data.urls={pattern!r} is empty or matched no file; expected "
+        raise DataNotFound(f"no WebDataset shards: data.urls={pattern!r} is empty or matched no file; expected "
                         "tar shards such as 'data/train-{000000..000099}.tar'")
     missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
     if missing:
-        raise DataError(f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[0]!r} "
+        raise DataNotFound(f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[0]!r} "
                         f"(from data.urls={pattern!r})")
 
 
@@ -184,3 +184,18 @@ class ShardSource:
                 n += 1
                 if limit is not None and n >= limit:
                     return
+
+
+def webdataset_source(urls: str | list[str], *, shuffle_buffer: int = 0, seed: int = 0, resampled: bool = False,
+                      transform=None, min_side: int = 0, max_caption_chars: int = 1000):
+    """Decoded (and transformed) samples of shards as an IterableDataset, for code that builds
+    its own DataLoader (evaluation). Shards are split over ranks and workers; bad samples are
+    counted in ``.skips`` of the returned dataset (in the process that reads them) and left out."""
+    from . import dist_info
+    from .loader import StreamDataset
+
+    rank, world_size = dist_info()
+    src = ShardSource(urls, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_buffer > 0,
+                      resampled=resampled, min_side=min_side, max_chars=max_caption_chars)
+    return StreamDataset([(src, transform, 1.0)], seed=seed, rank=rank, world_size=world_size,
+                         drop_skipped=SkipCounter(src.name))

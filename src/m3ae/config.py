@@ -93,11 +93,16 @@ def model_config(preset: str = "base", **overrides: Any) -> ModelConfig:
 class DataConfig:
     """Where samples come from and how they become tensors."""
 
-    source: str = "synthetic"  # "synthetic" or "webdataset"
-    urls: str = ""  # webdataset: shard paths or brace patterns, several separated by '::'
+    # "synthetic", "webdataset", "hdf5", "table", "imagefolder", "text" or "mixture" (docs/data.md)
+    source: str = "synthetic"
+    # Where the data is: shard paths/URLs/brace patterns (several joined by '::'), or the
+    # HDF5 file, table file, image folder, or text file/folder.
+    urls: str = ""
     synthetic_size: int = 20000  # synthetic: number of distinct samples
     synthetic_seed: int = 0
-    tokenizer: str = ""  # vocab.txt / tokenizer.json / folder / cached HF name; "" = built for synthetic data
+    # vocab.txt / tokenizer.json / folder / cached HF name; "from-data" = train one on the
+    # source's captions; "" = built for synthetic data, else bert-base-uncased from the cache
+    tokenizer: str = ""
     text_len: int = 32
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: float = 0.5
@@ -105,6 +110,21 @@ class DataConfig:
     shuffle_buffer: int = 2000
     num_workers: int = 0
     paired_fraction: float = 1.0  # fraction of pairs that keep their caption
+    # Column (table), field (HDF5) or key (JSONL) names; "" = the usual names (docs/data.md).
+    image_column: str = ""
+    caption_column: str = ""
+    text_column: str = ""
+    # Mixture: a list of entries, each a mapping of DataConfig fields (source, urls,
+    # paired_fraction, ...) plus "weight"; unset fields come from this config.
+    mixture: list = field(default_factory=list)
+    mixture_mode: str = "batch"  # "batch": each batch from one entry; "sample": mixed within a batch
+    weight: float = 1.0  # a mixture entry's share
+    resample: bool = False  # webdataset: draw shards with replacement (fewer shards than readers)
+    max_caption_chars: int = 1000  # longer captions are truncated (counted)
+    max_skip_fraction: float = 0.05  # more skipped samples than this stops the run
+    reduced_decode: bool = True  # JPEGs much larger than needed decode at 1/2, 1/4 or 1/8 size
+    prefetch_factor: int = 2  # batches each worker prepares ahead
+    tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
 
 
 @dataclass

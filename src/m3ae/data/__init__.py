@@ -1,98 +1,56 @@
-"""Data: sources (built-in shapes, WebDataset shards) -> transforms -> batches.
+"""Data: sources -> robust decoding -> transforms -> batches, for one or many ranks.
+
+Sources (``data.source``): ``synthetic`` (built-in shapes), ``webdataset`` (tar shards,
+local or remote), ``hdf5`` (the official M3AE layout), ``table`` (CSV/TSV/JSONL/Parquet),
+``imagefolder``, ``text``, and ``mixture`` (weighted combination of the others). See
+``docs/data.md``.
 
 :func:`build_text_encoder` and :func:`build_pretrain_loader` turn a :class:`DataConfig` into
-what the trainer consumes.
+what the trainer consumes. The loader's resume protocol and bad-sample accounting are
+described in :mod:`m3ae.data.loader`.
 """
 from __future__ import annotations
 
-import zlib
+import dataclasses
+import math
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..config import DataConfig
-from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer
+from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer, train_wordpiece
 from .collate import Collator, model_inputs
+from .decode import BadSample, DataError, DataNotFound, SkipCounter
+from .loader import (EpochSampler, IndexedStream, MapDataset, PretrainLoader, StreamDataset,
+                     keeps_caption)
+from .sources import open_indexed_source
 from .synthetic import ShapesDataset
 from .synthetic import vocabulary as synthetic_vocabulary
 from .transforms import EvalTransform, PretrainTransform
-from .webdataset import webdataset_source
+from .webdataset import ShardSource
 
 __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "EvalTransform",
-           "build_text_encoder", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption"]
+           "build_text_encoder", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
+           "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
+           "source_captions"]
+
+SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "mixture")
 
 
-def keeps_caption(key: str, paired_fraction: float) -> bool:
-    """Deterministic per key: True for about ``paired_fraction`` of all keys."""
-    if paired_fraction >= 1.0:
-        return True
-    return (zlib.crc32(key.encode("utf-8")) % 10_000) < paired_fraction * 10_000
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): as given, else from torch.distributed when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
 def _apply_paired_fraction(sample: dict, paired_fraction: float) -> dict:
-    if sample.get("caption") and not keeps_caption(sample["key"], paired_fraction):
+    if sample.get("caption") and sample.get("image") is not None and not keeps_caption(sample["key"], paired_fraction):
         sample = dict(sample, caption=None)
     return sample
-
-
-class _MapTransform(Dataset):
-    """Applies ``fn`` to samples of ``base``. Indexed by ``(index, seed)`` from
-    :class:`EpochSampler`, the random augmentation of a sample is a function of that seed
-    alone, so it is the same whatever the worker count and after a resume."""
-
-    def __init__(self, base: Dataset, fn):
-        self.base, self.fn = base, fn
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        if isinstance(i, tuple):
-            i, seed = i
-            with torch.random.fork_rng(devices=[]):
-                # CPU generator only: torch.manual_seed would also queue CUDA seeding (slow).
-                torch.default_generator.manual_seed(seed)
-                return self.fn(self.base[i])
-        return self.fn(self.base[i])
-
-
-class EpochSampler(Sampler):
-    """A fresh random order each epoch, drawn from ``(seed, epoch)``, that can start mid-epoch.
-
-    Yields ``(index, augmentation seed)`` pairs. The trainer records ``(epoch, position)``
-    in checkpoints and calls :meth:`set_position` on resume, so no sample is repeated or
-    skipped.
-    """
-
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return self.size - self.start
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
-        aug = torch.randint(0, 2**62, (self.size,), generator=g)
-        for i in order[self.start:].tolist():
-            yield i, int(aug[i])
-
-
-def build_text_encoder(cfg: DataConfig) -> TextEncoder:
-    """The configured tokenizer; for the built-in data one is trained on its captions."""
-    if cfg.tokenizer:
-        tok = load_tokenizer(cfg.tokenizer)
-    elif cfg.source == "synthetic":
-        # The built-in captions use a closed set of words: a fixed vocabulary, no training.
-        tok = from_vocab(SPECIAL_TOKENS + synthetic_vocabulary())
-    else:
-        tok = load_tokenizer("bert-base-uncased")  # only from the local cache; says how otherwise
-    return TextEncoder(tok, cfg.text_len)
 
 
 def _compose(*fns):
@@ -103,25 +61,141 @@ def _compose(*fns):
     return run
 
 
-def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: int = 0):
-    """The configured source with its transforms applied (map-style or iterable)."""
+def _entries(cfg: DataConfig) -> list[DataConfig]:
+    """The configs of a mixture's entries (each inherits the unset fields), or [cfg]."""
+    if cfg.source != "mixture":
+        return [cfg]
+    if not cfg.mixture:
+        raise DataError("data.source=mixture needs data.mixture, a list of entries such as "
+                        "[{source: webdataset, urls: 'a-{0..9}.tar', weight: 3}, {source: text, urls: t.txt}]")
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("mixture", "source", "urls", "weight")}
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    out = []
+    for i, entry in enumerate(cfg.mixture):
+        if not isinstance(entry, dict) or "source" not in entry:
+            raise DataError(f"data.mixture[{i}] must be a mapping with at least 'source' and 'urls', got {entry!r}")
+        unknown = set(entry) - known
+        if unknown:
+            raise DataError(f"data.mixture[{i}] has unknown field(s) {sorted(unknown)}")
+        if entry["source"] in ("mixture", "synthetic"):
+            raise DataError(f"data.mixture[{i}]: source {entry['source']!r} cannot be a mixture entry")
+        out.append(DataConfig(**{**base, **entry}))
+    return out
+
+
+def _open(cfg: DataConfig, min_side: int, train: bool):
+    """The raw source of one (non-mixture) config: a map-style dataset or a ShardSource."""
+    if cfg.source not in SOURCES:
+        raise DataError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
+    if cfg.source == "webdataset":
+        return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
+                           resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars)
+    return open_indexed_source(cfg, min_side)
+
+
+def _min_side(cfg: DataConfig, image_size: int, train: bool) -> int:
+    """Smallest shorter side that loses no detail: the smallest random crop (crop_scale[0] of
+    the area) must still hold image_size pixels across."""
+    if not cfg.reduced_decode:
+        return 0
+    return math.ceil(image_size / math.sqrt(cfg.crop_scale[0])) if train else image_size
+
+
+def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: int = 0, *,
+                  rank: int | None = None, world_size: int | None = None, batch_size: int | None = None):
+    """The configured source with its transforms applied: a map-style :class:`MapDataset`
+    (index it with ``(index, seed)`` from :class:`EpochSampler`, or a plain index) or an
+    iterable :class:`StreamDataset` (shards, mixtures). ``batch_size`` is needed for a
+    mixture with ``mixture_mode=batch``."""
+    rank, world_size = dist_info(rank, world_size)
     transform = (PretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right)
                  if train else EvalTransform(image_size))
-    fn = _compose(partial(_apply_paired_fraction, paired_fraction=cfg.paired_fraction), transform)
     if cfg.source == "synthetic":
-        return _MapTransform(ShapesDataset(cfg.synthetic_size, image_size, cfg.synthetic_seed), fn)
-    if cfg.source == "webdataset":
-        return webdataset_source(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0,
-                                 seed=seed, transform=fn)
-    raise ValueError(f"unknown data.source {cfg.source!r}; expected 'synthetic' or 'webdataset'")
+        fn = _compose(partial(_apply_paired_fraction, paired_fraction=cfg.paired_fraction), transform)
+        return MapDataset(ShapesDataset(cfg.synthetic_size, image_size, cfg.synthetic_seed), fn)
+    min_side = _min_side(cfg, image_size, train)
+    entries = _entries(cfg)
+    components = []
+    for e in entries:
+        src = _open(e, min_side, train)
+        fn = _compose(partial(_apply_paired_fraction, paired_fraction=e.paired_fraction), transform)
+        if cfg.source != "mixture" and not isinstance(src, ShardSource):
+            return MapDataset(src, fn)
+        stream = src if isinstance(src, ShardSource) else IndexedStream(src, shuffle=train)
+        if e.weight <= 0:
+            raise DataError(f"mixture entry {e.source} {e.urls!r} has weight {e.weight}; weights must be > 0")
+        components.append((stream, fn, e.weight))
+    if cfg.source == "mixture" and cfg.mixture_mode == "batch" and not batch_size:
+        raise DataError("data.mixture_mode=batch needs the batch size (build_dataset(..., batch_size=B))")
+    return StreamDataset(components, seed=seed, rank=rank, world_size=world_size, mode=cfg.mixture_mode,
+                         batch_size=batch_size or 1)
 
 
-def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEncoder,
-                          batch_size: int, seed: int = 0, train: bool = True) -> DataLoader:
-    """Batches for pre-training. A map-style source gets an :class:`EpochSampler`
-    (``loader.sampler``) whose position the trainer saves and restores."""
-    ds = build_dataset(cfg, image_size, train=train, seed=seed)
-    sampler = None if isinstance(ds, IterableDataset) else EpochSampler(len(ds), seed, shuffle=train)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train,
-                      num_workers=cfg.num_workers, collate_fn=Collator(text_encoder),
-                      pin_memory=torch.cuda.is_available())
+def source_captions(cfg: DataConfig, limit: int = 20000):
+    """Up to ``limit`` captions of the configured source(s), without decoding images."""
+    n = 0
+    for e in _entries(cfg):
+        if e.source == "synthetic":
+            src = ShapesDataset(e.synthetic_size, seed=e.synthetic_seed)
+        else:
+            src = _open(e, 0, train=False)
+        for c in src.captions(limit=limit - n):
+            yield c
+            n += 1
+        if n >= limit:
+            return
+
+
+def build_text_encoder(cfg: DataConfig) -> TextEncoder:
+    """The configured tokenizer (nothing is downloaded). The built-in data has a fixed
+    vocabulary; ``tokenizer=from-data`` trains WordPiece on the source's captions."""
+    if cfg.tokenizer == "from-data":
+        caps = list(source_captions(cfg))
+        if not caps:
+            raise DataError(f"data.tokenizer=from-data: data source {cfg.source} {cfg.urls!r} has no captions "
+                            "to train a tokenizer on; pass data.tokenizer=PATH")
+        tok = train_wordpiece(caps, vocab_size=cfg.tokenizer_vocab_size)
+    elif cfg.tokenizer:
+        tok = load_tokenizer(cfg.tokenizer)
+    elif cfg.source == "synthetic":
+        # The built-in captions use a closed set of words: a fixed vocabulary, no training.
+        tok = from_vocab(SPECIAL_TOKENS + synthetic_vocabulary())
+    else:
+        tok = load_tokenizer("bert-base-uncased")  # only from the local cache; says how otherwise
+    return TextEncoder(tok, cfg.text_len)
+
+
+def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEncoder, batch_size: int,
+                          seed: int = 0, train: bool = True, *, rank: int | None = None,
+                          world_size: int | None = None) -> PretrainLoader:
+    """Batches for pre-training on this rank (rank/world size default to torch.distributed's).
+
+    A map-style source gets an :class:`EpochSampler` (``loader.sampler``) whose position the
+    trainer saves and restores; every source supports ``loader.state_dict()`` /
+    ``loader.load_state_dict()``. Skips are counted in ``loader.skips``.
+    """
+    rank, world_size = dist_info(rank, world_size)
+    ds = build_dataset(cfg, image_size, train=train, seed=seed, rank=rank, world_size=world_size,
+                       batch_size=batch_size)
+    workers = cfg.num_workers
+    sampler = None
+    if isinstance(ds, StreamDataset):
+        for stream, _, _ in ds.components:
+            if isinstance(stream, ShardSource):
+                stream.check_readers(world_size * max(workers, 1))
+    else:
+        # Training on several ranks: equal shares, so that no rank waits for another.
+        sampler = EpochSampler(len(ds), seed, shuffle=train, rank=rank, world_size=world_size,
+                               even=train and world_size > 1)
+    name = ds.name if isinstance(ds, StreamDataset) else f"{cfg.source} {cfg.urls!r}".strip()
+    skips = SkipCounter(name, cfg.max_skip_fraction)
+    extra = {}
+    if workers > 0:
+        extra = dict(prefetch_factor=cfg.prefetch_factor,
+                     # Streams are re-sent to the workers each epoch with their new epoch and
+                     # resume position; an indexable source's order lives in the main process.
+                     persistent_workers=sampler is not None)
+    # Every sample is read once per epoch: the last, smaller batch is kept rather than dropped.
+    return PretrainLoader(ds, skips=skips, rank=rank, world_size=world_size, batch_size=batch_size,
+                          sampler=sampler, drop_last=False, num_workers=workers,
+                          collate_fn=Collator(text_encoder), pin_memory=torch.cuda.is_available(), **extra)

@@ -5,7 +5,14 @@ A batch is a dict with:
 - ``image_valid`` (B,) bool, or None when every sample has an image;
 - ``text`` (B, T) long and ``text_padding_mask`` (B, T) bool (True = padding), or None when
   no sample has a caption (a sample without one is all padding);
-- ``label`` (B,) long (-1 where unknown) and ``key`` (list of str).
+- ``label`` (B,) long (-1 where unknown) and ``key`` (list of str);
+- ``num_read`` (int): samples read for this batch, including skipped ones;
+- ``data_events`` (list of ``(kind, reason, key)``, kind "skip" or "fix"): what went wrong
+  while reading them, carried back from the worker process to the loader's counter;
+- ``stream_pos`` ``(worker id, items handed out)`` for stream sources (resume bookkeeping).
+
+Samples marked as skipped (``_skip``) are left out, so a batch can be smaller than asked for,
+or empty (``key == []``; the loader does not yield those).
 """
 from __future__ import annotations
 
@@ -19,7 +26,13 @@ class Collator:
         self.text_encoder = text_encoder
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch: dict = {"key": [s.get("key", "") for s in samples]}
+        events = [e for s in samples for e in s.get("_events", ())]
+        positions = [s["_pos"] for s in samples if "_pos" in s]
+        num_read = len(samples)
+        samples = [s for s in samples if "_skip" not in s]
+        batch: dict = {"key": [s.get("key", "") for s in samples], "num_read": num_read, "data_events": events}
+        if positions:  # one worker builds a whole batch, so they share the worker id
+            batch["stream_pos"] = max(positions)
         images = [s.get("image") for s in samples]
         present = [im is not None for im in images]
         if any(present):

@@ -61,8 +61,10 @@ class PretrainTransform:
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)
+        if sample.get("image") is None:  # unpaired text
+            return sample
         img = to_rgb(sample["image"])
-        img = self.crop(img)
+        img = self.crop(img)  # an image smaller than the crop is upsampled
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             img = TF.hflip(img)
             if self.swap_captions and sample.get("caption"):
@@ -79,6 +81,8 @@ class EvalTransform:
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)
+        if sample.get("image") is None:
+            return sample
         img = to_rgb(sample["image"])
         img = TF.resize(img, self.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, self.image_size)

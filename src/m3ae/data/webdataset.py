@@ -1,17 +1,35 @@
-"""WebDataset tar shards (``KEY.jpg`` + ``KEY.txt`` and/or ``KEY.cls``), as img2dataset writes.
+"""WebDataset tar shards (``KEY.jpg|png|webp`` + ``KEY.txt`` and/or ``KEY.json``/``KEY.cls``),
+the layout img2dataset writes.
 
-Shards are split across DDP ranks and data-loader workers by ``webdataset``; samples that
-cannot be decoded are skipped with a warning rather than stopping the run.
+Shards can be local paths, brace patterns (``train-{000000..000099}.tar``), globs, several
+of these joined by ``::``, ``pipe:COMMAND`` URLs, the schemes ``webdataset.gopen`` knows
+(http(s) through curl, gs through gsutil, hf) and, when ``fsspec`` is installed, any fsspec
+URL (s3://, gcs://, ...).
+
+A :class:`ShardSource` turns an epoch and a reader slot (rank x worker) into a stream of raw,
+undecoded samples: the epoch's shard order is drawn from ``(seed, epoch)``, slot ``s`` of ``n``
+reads shards ``s, s+n, ...`` and passes them through a shuffle buffer seeded by
+``(seed, epoch, slot)``. The stream is therefore a function of those numbers alone, which is
+what lets a resumed run skip exactly the samples it has already used (without decoding them).
+With ``resampled=True`` every slot instead draws shards with replacement forever, for when
+there are fewer shards than readers. A tar that ends mid-member or a shard that cannot be
+opened becomes a counted ``corrupt_shard`` skip naming the shard; the samples before the
+damage are kept.
 """
 from __future__ import annotations
 
 import glob
-import io
+import json
 import os
+import random
+from collections.abc import Iterator
 
 import braceexpand
 import webdataset as wds
-from PIL import Image
+from webdataset.gopen import gopen, gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from .decode import BadSample, DataError, DataNotFound, SkipCounter, clean_caption, decode_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -24,50 +42,160 @@ def expand_urls(urls: str) -> list[str]:
         if not part:
             continue
         for u in braceexpand.braceexpand(part):
-            if "://" in u or u.startswith("pipe:"):
+            if _is_remote(u):
                 out.append(u)
             elif any(ch in u for ch in "*?["):
-                out.extend(sorted(glob.glob(u)))
+                out.extend(sorted(glob.glob(os.path.expanduser(u))))
             else:
-                out.append(u)
+                out.append(os.path.expanduser(u))
     return out
 
 
-def check_local_shards(urls: list[str]) -> None:
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def check_local_shards(urls: list[str], pattern: str = "") -> None:
     if not urls:
-        raise FileNotFoundError("no WebDataset shards given (data.urls is empty or matched no file)")
-    missing = [u for u in urls if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+        raise DataNotFound(f"no WebDataset shards: data.urls={pattern!r} is empty or matched no file; expected "
+                        "tar shards such as 'data/train-{000000..000099}.tar'")
+    missing = [u for u in urls if not _is_remote(u) and not os.path.isfile(u)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]!r}")
+        raise DataNotFound(f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[0]!r} "
+                        f"(from data.urls={pattern!r})")
 
 
-def decode_sample(raw: dict) -> dict:
-    """Raw tar members -> {key, image (PIL RGB or None), caption (str or None), label (int)}."""
-    image = None
-    for ext in IMAGE_EXTS:
-        if ext in raw:
-            image = Image.open(io.BytesIO(raw[ext]))
-            image.load()
-            image = image.convert("RGB")
-            break
+def open_shard(url: str):
+    """A readable binary stream for a local path or a URL."""
+    if not _is_remote(url):
+        return open(url, "rb")
+    scheme = "pipe" if url.startswith("pipe:") else url.split("://", 1)[0]
+    if scheme in gopen_schemes:
+        return gopen(url)
+    try:
+        import fsspec
+    except ImportError:
+        raise DataError(f"cannot open {url}: scheme {scheme!r} needs fsspec (pip install fsspec s3fs/gcsfs), "
+                        f"or use a pipe: URL such as 'pipe:aws s3 cp {url} -'") from None
+    return fsspec.open(url, "rb").open()
+
+
+def decode_shard_sample(raw: dict, min_side: int = 0, max_chars: int = 1000) -> dict:
+    """Raw tar members -> {key, image (PIL RGB or None), caption, label, _events}."""
+    key = raw["__key__"]
+    where = f"{os.path.basename(raw.get('__url__', ''))}:{key}"
+    events: list = []
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    image = decode_image(raw[ext], where, min_side) if ext else None
     caption = raw.get("txt")
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8")
-    label = raw.get("cls")
-    label = int(label.decode() if isinstance(label, bytes) else label) if label is not None else -1
-    return dict(key=raw["__key__"], image=image, caption=caption.strip() if caption else None, label=label)
+    if caption is None and "json" in raw:  # img2dataset puts the caption in the json too
+        try:
+            caption = json.loads(raw["json"]).get("caption")
+        except (ValueError, AttributeError):
+            events.append(("fix", "bad_json", where))
+    caption = clean_caption(caption, where, max_chars, events)
+    label = -1
+    if "cls" in raw:
+        try:
+            label = int(raw["cls"].decode("ascii", errors="replace").strip())
+        except ValueError:
+            events.append(("fix", "bad_label", where))
+    if image is None and caption is None:
+        raise BadSample("no_image_or_text", where)
+    # The key alone names the sample (it decides paired_fraction); messages also name the shard.
+    return dict(key=key, image=image, caption=caption, label=label, _events=events)
 
 
-def webdataset_source(urls: str | list[str], *, shuffle_buffer: int = 0, seed: int = 0,
-                      resampled: bool = False, transform=None) -> wds.WebDataset:
-    shards = expand_urls(urls) if isinstance(urls, str) else list(urls)
-    check_local_shards(shards)
-    ds = wds.WebDataset(shards, resampled=resampled, shardshuffle=(100 if shuffle_buffer else False),
-                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                        handler=wds.warn_and_continue, seed=seed, empty_check=False)
-    if shuffle_buffer:
-        ds = ds.shuffle(shuffle_buffer)
-    ds = ds.map(decode_sample, handler=wds.warn_and_continue)
-    if transform is not None:
-        ds = ds.map(transform, handler=wds.warn_and_continue)
-    return ds
+class ShardSource:
+    """Raw samples of WebDataset shards for one reader slot; see the module docstring."""
+
+    name = "webdataset"
+
+    def __init__(self, urls: str | list[str], *, shuffle_buffer: int = 0, shuffle_shards: bool = True,
+                 resampled: bool = False, min_side: int = 0, max_chars: int = 1000):
+        self.pattern = urls if isinstance(urls, str) else "::".join(urls)
+        self.shards = expand_urls(urls) if isinstance(urls, str) else list(urls)
+        check_local_shards(self.shards, self.pattern)
+        self.name = f"webdataset {self.pattern!r}"
+        self.shuffle_buffer, self.shuffle_shards, self.resampled = shuffle_buffer, shuffle_shards, resampled
+        self.min_side, self.max_chars = min_side, max_chars
+
+    def check_readers(self, readers: int) -> None:
+        """Fail early when some of ``readers`` slots would get no shard at all."""
+        if not self.resampled and len(self.shards) < readers:
+            raise DataError(f"{len(self.shards)} shard(s) for {readers} readers (ranks x data-loader workers): "
+                            "some would read nothing. Use data.resample=true, fewer workers, or more shards")
+
+    def _shard_order(self, epoch: int, slot: int, nslots: int, seed: int) -> Iterator[str]:
+        if self.resampled:
+            rng = random.Random(f"{seed}/{epoch}/{slot}/resample")
+            while True:
+                yield rng.choice(self.shards)
+        order = list(self.shards)
+        if self.shuffle_shards:
+            random.Random(f"{seed}/{epoch}/shards").shuffle(order)
+        yield from order[slot::nslots]
+
+    def _raw(self, shards: Iterator[str]) -> Iterator[dict]:
+        errors: list = []
+
+        def handler(exn: Exception) -> bool:
+            errors.append(exn)
+            return True
+
+        for url in shards:
+            try:
+                stream = open_shard(url)
+            except (OSError, DataError) as e:
+                yield {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(e)}
+                continue
+            with stream:
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                for sample in group_by_keys(files, handler=handler):
+                    yield sample
+                    while errors:
+                        yield {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(errors.pop(0))}
+            while errors:
+                yield {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(errors.pop(0))}
+
+    def items(self, epoch: int, slot: int, nslots: int, seed: int) -> Iterator[dict]:
+        """Raw samples (undecoded tar members) of this slot's share of epoch ``epoch``."""
+        raw = self._raw(self._shard_order(epoch, slot, nslots, seed))
+        if self.shuffle_buffer > 1:
+            rng = random.Random(f"{seed}/{epoch}/{slot}/buffer")
+            raw = wds.filters._shuffle(iter(raw), self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+        return raw
+
+    def decode(self, raw: dict) -> dict:
+        if "__skip__" in raw:
+            raise BadSample(raw["__skip__"], raw["__key__"], raw.get("__detail__", ""))
+        return decode_shard_sample(raw, self.min_side, self.max_chars)
+
+    def captions(self, limit: int | None = None) -> Iterator[str]:
+        """Captions only, in shard order (to train a tokenizer); images are not decoded."""
+        n = 0
+        for raw in self._raw(iter(self.shards)):
+            if "__skip__" in raw:
+                continue
+            cap = raw.get("txt")
+            cap = clean_caption(cap, "", self.max_chars, []) if cap is not None else None
+            if cap:
+                yield cap
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+
+
+def webdataset_source(urls: str | list[str], *, shuffle_buffer: int = 0, seed: int = 0, resampled: bool = False,
+                      transform=None, min_side: int = 0, max_caption_chars: int = 1000):
+    """Decoded (and transformed) samples of shards as an IterableDataset, for code that builds
+    its own DataLoader (evaluation). Shards are split over ranks and workers; bad samples are
+    counted in ``.skips`` of the returned dataset (in the process that reads them) and left out."""
+    from . import dist_info
+    from .loader import StreamDataset
+
+    rank, world_size = dist_info()
+    src = ShardSource(urls, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_buffer > 0,
+                      resampled=resampled, min_side=min_side, max_chars=max_caption_chars)
+    return StreamDataset([(src, transform, 1.0)], seed=seed, rank=rank, world_size=world_size,
+                         drop_skipped=SkipCounter(src.name))

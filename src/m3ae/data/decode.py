@@ -1,0 +1,203 @@
+"""Robust decoding of one sample's image and caption, and counting of what went wrong.
+
+Bad input never crashes a run and is never silent. A sample that cannot be used raises
+:class:`BadSample` with a short reason (``bad_image``, ``missing_file`` ...) and its key; the
+loader turns that into a counted skip. A sample that can be used after a repair (a non-UTF-8
+caption decoded with replacement characters, a 100 kB caption truncated, an empty caption
+dropped so the image trains alone) is kept and the repair is counted. Both end up in a
+:class:`SkipCounter`, which the loader fills in the main process (data-loader workers attach
+their events to the batches they return, since they run in other processes).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger("m3ae.data")
+
+
+class BadSample(Exception):
+    """A sample that must be skipped: ``reason`` is a short counter name, ``key`` names it."""
+
+    def __init__(self, reason: str, key: str, detail: str = ""):
+        super().__init__(f"{reason}: {key}" + (f" ({detail})" if detail else ""))
+        self.reason, self.key, self.detail = reason, key, detail
+
+
+class DataError(ValueError):
+    """A data problem that stops the run: a misconfigured or empty source, or too many skips.
+
+    A ``ValueError`` so that the CLI reports it as one line instead of a traceback."""
+
+
+class DataNotFound(FileNotFoundError):
+    """A configured path, file or shard pattern that does not exist or matches nothing."""
+
+
+# Pillow refuses images above ~179 MP by raising; below that it only warns. A web crawl has
+# a few such files; they are decoded (at reduced size when a JPEG), not treated as attacks.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Transparent pixels are composited on white, as a
+    browser shows them (their stored colour is often arbitrary); 16/32-bit greyscale is
+    scaled to 8 bits rather than clipped, which would turn most 16-bit images white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0) -> Image.Image:
+    """Bytes or a file path -> upright 8-bit RGB PIL image, or :class:`BadSample`.
+
+    ``min_side`` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling via
+    ``Image.draft``) as long as the shorter side stays >= ``min_side``: a 4000 px photo cropped
+    to 224 px need not be decoded at full size, which is most of the cost. EXIF orientation
+    is applied, so phone photos are upright.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise BadSample("missing_file", key, str(path))
+        if path.stat().st_size == 0:
+            raise BadSample("empty_file", key, str(path))
+        src = path
+    else:
+        if not data:
+            raise BadSample("empty_file", key)
+        src = io.BytesIO(data)
+    try:
+        img = Image.open(src)
+        if min_side and img.format == "JPEG":
+            w, h = img.size
+            scale = min(w, h) / min_side
+            if scale >= 2:  # draft picks the largest reduction keeping both sides >= requested
+                img.draft(img.mode, (int(w / scale) + 1, int(h / scale) + 1))
+        img = ImageOps.exif_transpose(img)  # also loads the pixels, so truncation shows here
+        img.load()
+        return _to_rgb(img)
+    except BadSample:
+        raise
+    except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ...
+        raise BadSample("bad_image", key, f"{type(e).__name__}: {e}") from None
+
+
+def clean_caption(raw, key: str, max_chars: int, events: list) -> str | None:
+    """Bytes or str -> one-line caption, or None when there is no text.
+
+    Non-UTF-8 bytes are decoded with U+FFFD replacement characters and counted
+    (``caption_not_utf8``): the rest of the caption is usually fine, and dropping the sample
+    would bias the data against non-English sources that use legacy encodings. Whitespace runs
+    (including newlines) become one space. Captions longer than ``max_chars`` are cut at a word
+    boundary and counted (``caption_truncated``); the tokenizer would cut them later anyway,
+    but tokenising 100 kB of text is slow. Empty or whitespace-only captions become None and
+    are counted (``empty_caption``): the sample still trains its image.
+    """
+    if raw is None:
+        return None
+    if isinstance(raw, np.ndarray):
+        raw = raw.tobytes()
+    if isinstance(raw, (bytes, bytearray, np.bytes_, np.void)):
+        raw = bytes(raw)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            events.append(("fix", "caption_not_utf8", key))
+    else:
+        text = str(raw)
+    text = text.replace("\x00", " ")
+    if len(text) > 8 * max_chars:  # don't split 100 kB just to keep 1 kB
+        text = text[: 8 * max_chars]
+    text = " ".join(text.split())
+    if not text:
+        events.append(("fix", "empty_caption", key))
+        return None
+    if len(text) > max_chars:
+        cut = text.rfind(" ", 0, max_chars + 1)
+        text = text[: cut if cut > max_chars // 2 else max_chars]
+        events.append(("fix", "caption_truncated", key))
+    return text
+
+
+class SkipCounter:
+    """Counts of skipped samples and of repairs, per reason, with an example key for each.
+
+    The loader calls :meth:`add` with the events each batch carries; the trainer can show
+    :meth:`summary` in its progress bar or log. :meth:`check` raises :class:`DataError` once
+    more than ``max_fraction`` of the samples read (after ``min_seen`` of them) were skipped.
+    """
+
+    def __init__(self, source: str = "", max_fraction: float = 1.0, min_seen: int = 200):
+        self.source, self.max_fraction, self.min_seen = source, max_fraction, min_seen
+        self.seen = 0
+        self.skipped: Counter = Counter()
+        self.fixed: Counter = Counter()
+        self.examples: dict[str, str] = {}
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def add(self, events, seen: int = 0) -> None:
+        self.seen += seen
+        for kind, reason, key in events:
+            (self.skipped if kind == "skip" else self.fixed)[reason] += 1
+            if reason not in self.examples:
+                self.examples[reason] = key
+                level = logging.WARNING if kind == "skip" else logging.INFO
+                log.log(level, "%s %s: %s (first of its kind; further ones are counted)",
+                        "skipped sample" if kind == "skip" else "repaired sample", reason, key)
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "skipped": dict(self.skipped), "fixed": dict(self.fixed),
+                "examples": dict(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"]
+        self.skipped, self.fixed = Counter(state["skipped"]), Counter(state["fixed"])
+        self.examples = dict(state["examples"])
+
+    def as_dict(self) -> dict:
+        """Flat numbers for a metrics line: ``{"data_seen": .., "skip/bad_image": ..}``."""
+        out = {"data_seen": self.seen, "data_skipped": self.num_skipped}
+        out.update({f"skip/{k}": v for k, v in self.skipped.items()})
+        out.update({f"fix/{k}": v for k, v in self.fixed.items()})
+        return out
+
+    def summary(self) -> str:
+        if not self.skipped and not self.fixed:
+            return f"read {self.seen}, nothing skipped"
+        parts = [f"read {self.seen}, skipped {self.num_skipped} "
+                 f"({100 * self.num_skipped / max(self.seen, 1):.2f}%)"]
+        parts += [f"{r} {n} (e.g. {self.examples[r]})" for r, n in self.skipped.most_common()]
+        if self.fixed:
+            parts.append("repaired: " + ", ".join(f"{r} {n}" for r, n in self.fixed.most_common()))
+        return "; ".join(parts)
+
+    def check(self, force: bool = False) -> None:
+        if self.seen == 0 or (self.seen < self.min_seen and not force):
+            return
+        if self.num_skipped > self.max_fraction * self.seen:
+            raise DataError(f"data source {self.source}: {self.num_skipped} of {self.seen} samples were "
+                            f"skipped, more than data.max_skip_fraction={self.max_fraction}: "
+                            f"{self.summary()}. Fix the data or raise data.max_skip_fraction.")

@@ -62,23 +62,33 @@ class EpochSampler(Sampler):
     Yields ``(index, augmentation seed)`` pairs. The trainer records ``(epoch, position)``
     in checkpoints and calls :meth:`set_position` on resume, so no sample is repeated or
     skipped.
+
+    With ``world_size`` processes, every process draws the same epoch order, truncated to a
+    multiple of ``world_size``, and takes every ``world_size``-th entry from ``rank`` on, so
+    the processes' n-th batches together hold exactly the samples of a single process's n-th
+    batch of ``world_size`` times the size. ``start`` counts this process's samples.
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return self.size // self.world_size - self.start
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         aug = torch.randint(0, 2**62, (self.size,), generator=g)
-        for i in order[self.start:].tolist():
+        usable = self.size - self.size % self.world_size
+        mine = order[:usable][self.rank::self.world_size]
+        for i in mine[self.start:].tolist():
             yield i, int(aug[i])
 
 
@@ -116,11 +126,14 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: in
 
 
 def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEncoder,
-                          batch_size: int, seed: int = 0, train: bool = True) -> DataLoader:
+                          batch_size: int, seed: int = 0, train: bool = True, rank: int = 0,
+                          world_size: int = 1) -> DataLoader:
     """Batches for pre-training. A map-style source gets an :class:`EpochSampler`
-    (``loader.sampler``) whose position the trainer saves and restores."""
+    (``loader.sampler``) whose position the trainer saves and restores; with several
+    processes it holds this ``rank``'s share. (WebDataset splits shards by node itself.)"""
     ds = build_dataset(cfg, image_size, train=train, seed=seed)
-    sampler = None if isinstance(ds, IterableDataset) else EpochSampler(len(ds), seed, shuffle=train)
+    sampler = None if isinstance(ds, IterableDataset) else EpochSampler(
+        len(ds), seed, shuffle=train, rank=rank, world_size=world_size)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=train,
                       num_workers=cfg.num_workers, collate_fn=Collator(text_encoder),
                       pin_memory=torch.cuda.is_available())

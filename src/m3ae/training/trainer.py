@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -370,7 +371,11 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                     optimizer.step()
             if scaler is not None:
                 scaler.update()
-            scheduler.step()
+            with warnings.catch_warnings():
+                # The schedule follows steps, skipped or not; torch warns when the very first
+                # optimizer step was skipped, which is intended here.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
             n_last += tcfg.global_batch(world)
             done = step + 1
             if tcfg.max_nonfinite_steps and bad_run >= tcfg.max_nonfinite_steps:
@@ -395,8 +400,10 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                 save_reconstruction_grid(model, vis_batch, run_dir / "reconstructions" / f"step_{done:08d}.png",
                                          text_encoder, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
             if (tcfg.ckpt_every and done % tcfg.ckpt_every == 0) or done == end_step:
-                last_ckpt = _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
-                                  skipped, cfg, text_encoder, info, fsdp) or last_ckpt
+                path = _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
+                             skipped, cfg, text_encoder, info, fsdp)
+                if bad_run == 0:  # "good": written before a streak of non-finite steps began
+                    last_ckpt = path or last_ckpt
     finally:
         bar.close()
         logger.close()

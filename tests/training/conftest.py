@@ -29,7 +29,7 @@ def tokenizer_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny(tokenizer_file) -> list[str]:
     return TINY + [f"data.tokenizer={tokenizer_file}", "model.vocab_size=256"]
 
@@ -93,7 +93,7 @@ def assert_weights_close(a: dict, b: dict, atol: float = 2e-6) -> None:
             assert (x - y).abs().max().item() <= atol, k
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def h():
     """The helpers above (test modules cannot import conftest under --import-mode=importlib)."""
     from types import SimpleNamespace

@@ -287,7 +287,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
         stream.load_state(data)
         if not stream.resumable and main:
             tqdm.write("note: this data source cannot seek; the resumed run reads it from its start")
-        if progress and main:
+        if main:  # also without a progress bar: which checkpoint a run continued from matters
             tqdm.write(f"resumed from {ckpt} at step {start_step}")
 
     logger = MetricsLogger(run_dir, cfg, enabled=main, resume_step=start_step)

@@ -110,8 +110,15 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        import inspect
+
         ids = [info.device.index] if info.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, broadcast_buffers=False)
+        # The only buffers are fixed sin-cos tables, identical everywhere: no per-step broadcast.
+        # (Newer torch renamed the switch and warns about the old name.)
+        params = inspect.signature(DDP.__init__).parameters
+        no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+                           else {"broadcast_buffers": False})
+        return DDP(module, device_ids=ids, **no_sync_buffers)
     from torch.distributed.fsdp import fully_shard
 
     model = module.model

@@ -132,8 +132,9 @@ class TrainConfig:
     """Optimisation and bookkeeping of ``m3ae pretrain``."""
 
     steps: int = 1000
-    batch_size: int = 64
-    base_lr: float = 1.5e-4  # scaled by batch_size / 256
+    batch_size: int = 64  # per device (process); global batch = batch_size x processes x accum_steps
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    base_lr: float = 1.5e-4  # scaled by the global batch / 256
     lr: float | None = None  # absolute LR; overrides base_lr when set
     min_lr: float = 0.0
     warmup_steps: int = 100
@@ -143,17 +144,41 @@ class TrainConfig:
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
     norm_pix_loss: bool = False
-    precision: str = "fp32"  # "fp32" or "bf16"
+    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU) or "fp16" (GPU, gradient scaler)
     device: str = "auto"
     seed: int = 0
+    strategy: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard, large models)
+    grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory)
+    compile: bool = False  # torch.compile the training step
+    max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row (0 = never)
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = none)
     recon_every: int = 500
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the 'tensorboard' extra)
+    wandb: bool = False  # also log to Weights & Biases (needs the 'wandb' extra)
+    wandb_project: str = "m3ae"
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.accum_steps < 1 or self.batch_size < 1:
+            raise ValueError("train.batch_size and train.accum_steps must be at least 1")
+
+    def global_batch(self, world_size: int = 1) -> int:
+        return self.batch_size * self.accum_steps * world_size
+
+    def lr_for(self, world_size: int = 1) -> float:
+        """Peak LR: ``lr`` if set, else ``base_lr`` x global batch / 256 (MAE's linear rule)."""
+        return self.lr if self.lr is not None else self.base_lr * self.global_batch(world_size) / 256
 
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else self.base_lr * self.batch_size / 256
+        """The peak LR of a single-process run (see :meth:`lr_for`)."""
+        return self.lr_for(1)
 
 
 @dataclass

@@ -4,7 +4,8 @@ Both are averaged as the official JAX code does: first over the loss positions o
 sample, then over the samples that have any (a sample without an image, or whose caption
 kept every token, adds nothing rather than a zero). The official text loss divides by the
 whole batch instead, which pulls the loss towards zero when short captions have nothing
-masked; we average over the samples that carry a loss.
+masked; we average over the samples that carry a loss. :func:`loss_sample_counts` predicts those
+counts from a batch alone, before the forward (the trainer needs them across processes).
 """
 from __future__ import annotations
 
@@ -24,13 +25,18 @@ class LossOutput(NamedTuple):
     text_accuracy: torch.Tensor  # top-1 accuracy over masked real tokens
 
 
-def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """values, mask (B, L) -> mean over samples with any mask of the per-sample masked mean."""
+def _per_sample_mean(values: torch.Tensor, mask: torch.Tensor, denom=None) -> torch.Tensor:
+    """values, mask (B, L) -> mean over samples with any mask of the per-sample masked mean.
+
+    ``denom`` replaces the number of samples that carry a loss. Data-parallel training
+    passes (samples carrying a loss in the whole global batch) / (processes x micro-batches),
+    so that averaging the gradients of all micro-batches gives exactly the global mean.
+    """
     mask = mask.to(values.dtype)
     count = mask.sum(1)
     per_sample = (values * mask).sum(1) / count.clamp_min(1)
     has = (count > 0).to(values.dtype)
-    return (per_sample * has).sum() / has.sum().clamp_min(1)
+    return (per_sample * has).sum() / (has.sum().clamp_min(1) if denom is None else denom)
 
 
 def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -40,15 +46,15 @@ def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (target - mean) / (var + eps) ** 0.5
 
 
-def image_loss(out: M3AEOutput, norm_pix_loss: bool = False) -> torch.Tensor:
+def image_loss(out: M3AEOutput, norm_pix_loss: bool = False, denom=None) -> torch.Tensor:
     target = out.image_target
     if norm_pix_loss:
         target = normalize_patches(target)
     per_patch = (out.image_pred.float() - target.float()).pow(2).mean(-1)
-    return _per_sample_mean(per_patch, out.image_mask)
+    return _per_sample_mean(per_patch, out.image_mask, denom)
 
 
-def text_loss_and_accuracy(out: M3AEOutput) -> tuple[torch.Tensor, torch.Tensor]:
+def text_loss_and_accuracy(out: M3AEOutput, denom=None) -> tuple[torch.Tensor, torch.Tensor]:
     mask = out.text_mask
     logits = out.text_logits.float()
     if logits.dim() == 2:  # logits were computed only at the masked positions
@@ -61,7 +67,7 @@ def text_loss_and_accuracy(out: M3AEOutput) -> tuple[torch.Tensor, torch.Tensor]
     else:
         ce = F.cross_entropy(logits.transpose(1, 2), out.text_target, reduction="none")
         correct = (logits.argmax(-1) == out.text_target).to(ce.dtype)
-    return _per_sample_mean(ce, mask), _per_sample_mean(correct, mask)
+    return _per_sample_mean(ce, mask, denom), _per_sample_mean(correct, mask, denom)
 
 
 class M3AELoss(nn.Module):
@@ -73,11 +79,38 @@ class M3AELoss(nn.Module):
         self.text_weight = text_weight
         self.norm_pix_loss = norm_pix_loss
 
-    def forward(self, out: M3AEOutput) -> LossOutput:
+    def forward(self, out: M3AEOutput, image_denom=None, text_denom=None) -> LossOutput:
+        """``image_denom`` / ``text_denom``: see :func:`_per_sample_mean` (None: this batch's count)."""
         zero = out.latent.new_zeros((), dtype=torch.float32)
-        img = image_loss(out, self.norm_pix_loss) if out.image_pred is not None else zero
+        img = image_loss(out, self.norm_pix_loss, image_denom) if out.image_pred is not None else zero
         if out.text_logits is not None:
-            txt, acc = text_loss_and_accuracy(out)
+            txt, acc = text_loss_and_accuracy(out, text_denom)
         else:
             txt, acc = zero, zero
         return LossOutput(self.image_weight * img + self.text_weight * txt, img, txt, acc)
+
+
+def loss_sample_counts(image_valid_or_present, text_padding_mask, num_patches: int,
+                       image_mask_ratio: float, text_mask_ratio: float) -> tuple[int, int]:
+    """How many samples of a batch carry an image loss and a text loss, from the batch alone.
+
+    ``image_valid_or_present``: a (B,) bool tensor of samples with an image, an int B when
+    all have one, or None/0 when the batch has no image. ``text_padding_mask``: (B, T) bool
+    or None. Mirrors :func:`m3ae.ops.random_masking`: a sample carries a loss when at least
+    one of its valid positions is masked, which depends only on how many it has.
+    """
+    from .ops import num_kept
+
+    n_img = 0
+    if image_valid_or_present is not None and image_mask_ratio > 0:
+        hides = num_patches - num_kept(num_patches, image_mask_ratio) > 0
+        if isinstance(image_valid_or_present, torch.Tensor):
+            present = int(image_valid_or_present.bool().sum())
+        else:
+            present = int(image_valid_or_present)
+        n_img = present if hides else 0
+    n_txt = 0
+    if text_padding_mask is not None and text_mask_ratio > 0:
+        nv = (~text_padding_mask.bool()).sum(1)
+        n_txt = int(((nv - num_kept(nv, text_mask_ratio)) > 0).sum())
+    return n_img, n_txt

@@ -7,6 +7,8 @@ EPILOG = """examples:
   m3ae pretrain --preset tiny --out runs/tiny train.steps=500
   m3ae pretrain --preset base --out runs/cc --config cc12m.yaml train.precision=bf16
   m3ae pretrain --out runs/tiny --resume latest          # continue an interrupted run
+  torchrun --nproc-per-node 8 -m m3ae pretrain --preset base --out runs/cc train.batch_size=64
+  torchrun --nproc-per-node 8 --max-restarts 3 -m m3ae pretrain ...   # restarted workers resume
   m3ae pretrain --preset tiny --out runs/tin data.source=webdataset \\
       data.urls='../shared/data/tiny-imagenet-captions/train-{000000..000007}.tar.gz' data.tokenizer=tok.json
 """
@@ -26,6 +28,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
     from pathlib import Path
 
     from ..config import Config
@@ -38,6 +41,18 @@ def run(args) -> int:
         cfg = Config.from_dict(apply_overrides(read_config_file(saved), args.overrides))
     else:
         cfg = config_from_args(args)
-    result = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}")
+    from ..training import TrainingDiverged
+    from ..training.distributed import env_rank_info
+
+    main = env_rank_info()[0] == 0
+    try:
+        result = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    except TrainingDiverged as e:
+        if args.debug:
+            raise
+        if main:
+            print(f"m3ae pretrain: {e}", file=sys.stderr)
+        return 3
+    if main:
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}")
     return 0

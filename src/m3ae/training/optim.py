@@ -21,15 +21,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    kwargs = dict(lr=cfg.effective_lr, betas=tuple(cfg.betas))
+def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr_for(world_size), betas=tuple(cfg.betas))
     # foreach kernels batch the per-parameter updates (measured faster on CPU, see benchmarks/).
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), foreach=True, **kwargs)
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 0 over ``warmup_steps``, then cosine from peak to ``min_lr``."""
-    peak = cfg.effective_lr
+def lr_at(step: int, cfg: TrainConfig, world_size: int = 1) -> float:
+    """Linear warmup from 0 over ``warmup_steps``, then cosine from peak to ``min_lr``.
+
+    The peak follows the global batch, so it depends on the number of processes."""
+    peak = cfg.lr_for(world_size)
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
@@ -37,6 +39,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    peak = cfg.effective_lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / peak)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, world_size: int = 1):
+    peak = cfg.lr_for(world_size)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, world_size) / peak)

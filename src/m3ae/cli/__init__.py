@@ -9,7 +9,8 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `m3ae --help` lists them.
-COMMANDS = ["demo", "pretrain", "tokenizer", "convert-official", "export-timm"]
+COMMANDS = ["demo", "pretrain", "tokenizer", "embed", "linear-probe", "finetune", "ood", "zero-shot",
+            "visualize", "convert-official", "export-timm"]
 
 
 class UserError(Exception):

@@ -1,0 +1,63 @@
+"""m3ae finetune: fine-tune the whole encoder or its last k blocks for classification, with
+layer-wise LR decay, label smoothing and crop/flip augmentation; top-1/top-5 per epoch."""
+from __future__ import annotations
+
+from .eval_common import DATA_HELP, add_model_args, write_results
+
+EPILOG = """examples:
+  m3ae finetune runs/demo/final --train shapes:5000:0 --val shapes:500:1 --out runs/ft --epochs 5
+  m3ae finetune runs/demo/final --train shapes:5000:0 --val shapes:500:1 --out runs/ft2 --last-blocks 2
+"""
+
+
+def register(sub) -> None:
+    import argparse
+
+    p = sub.add_parser("finetune", help="fine-tune the encoder (all or last k blocks) as a classifier",
+                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--train", required=True, help="training split; " + DATA_HELP)
+    p.add_argument("--val", required=True, help="evaluation split (same forms)")
+    p.add_argument("--out", required=True, help="folder for the classifier and results.json")
+    p.add_argument("--last-blocks", type=int, default=None, help="train only the last K blocks (default: all)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--base-lr", type=float, default=5e-4, help="LR = base-lr * batch / 256 (AdamW)")
+    p.add_argument("--lr", type=float, default=None, help="absolute LR (overrides --base-lr)")
+    p.add_argument("--layer-decay", type=float, default=0.75)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                   help="RandomResizedCrop scale range (default 0.08 1.0)")
+    p.add_argument("--limit-train", type=int, default=None, help="needed for WebDataset shards (their size)")
+    p.add_argument("--limit-val", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..evaluation.data import load_labelled, make_loader
+    from ..evaluation.features import load_model, resolve_device
+    from ..evaluation.finetune import finetune
+
+    model, _ = load_model(args.model, resolve_device(args.device))
+    size = model.config.image_size
+    train = load_labelled(args.train, size, train=True, limit=args.limit_train, crop_scale=tuple(args.crop_scale))
+    val = load_labelled(args.val, size, limit=args.limit_val)
+    names = train.class_names or val.class_names
+    if names is None:
+        raise ValueError("cannot tell the number of classes: put a classes.txt beside the shards")
+    res = finetune(model, make_loader(train, batch_size=args.batch_size, shuffle=True, seed=args.seed),
+                   make_loader(val, batch_size=args.batch_size), len(names), last_blocks=args.last_blocks,
+                   epochs=args.epochs, base_lr=args.base_lr, lr=args.lr, layer_decay=args.layer_decay,
+                   weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
+                   warmup_epochs=args.warmup_epochs, class_names=names, progress=not args.no_progress,
+                   seed=args.seed)
+    for h in res.history:
+        print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  top-1 {h['top1']:.2%}  top-5 {h['top5']:.2%}")
+    res.classifier.save(args.out)
+    what = "all blocks" if args.last_blocks is None else f"last {args.last_blocks} block(s)"
+    write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "trained": what,
+                                             "train": args.train, "val": args.val})
+    print(f"fine-tuned {what}: top-1 {res.top1:.2%}  top-5 {res.top5:.2%}; classifier in {args.out}")
+    return 0

@@ -1,0 +1,144 @@
+"""Labelled data for evaluation, named by one string (a *data spec*):
+
+- ``shapes`` or ``shapes:N`` or ``shapes:N:SEED`` -- the built-in shapes (5 classes). Use
+  different seeds for a train and an evaluation split (``shapes:2000:0``, ``shapes:500:1``).
+- a folder of class sub-folders (``root/CLASS/xxx.jpg``), classes in sorted order as
+  torchvision's ``ImageFolder`` numbers them;
+- WebDataset shards with ``.cls`` labels (brace patterns/globs, several joined by ``::``);
+  class names come from a ``classes.txt`` (one per line) or ``classes.tsv`` (index, id,
+  name) beside the shards when there is one.
+
+Everything goes through :mod:`m3ae.data` (its sources, transforms and :class:`Collator`), so
+evaluation sees images exactly as pre-training's evaluation path does.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from ..data import Collator, EvalTransform, PretrainTransform, ShapesDataset
+from ..data.webdataset import IMAGE_EXTS, expand_urls, webdataset_source
+
+
+@dataclass
+class LabelledData:
+    dataset: Dataset | IterableDataset  # samples: dict(key, image tensor, caption, label)
+    class_names: list[str] | None
+    fingerprint: str  # changes when the data (or how it is read) changes; for feature caches
+
+
+class ImageFolderSource(Dataset):
+    """``root/CLASS/*.jpg`` -> dict(key, image PIL RGB, caption None, label)."""
+
+    def __init__(self, root: str | Path, transform=None):
+        self.root = Path(root)
+        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in sorted((self.root / c).iterdir())
+                        if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+        if not self.samples:
+            raise FileNotFoundError(f"{root} holds no images in class sub-folders (expected root/CLASS/x.jpg)")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.samples[i]
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        caption = None
+        if path.with_suffix(".txt").is_file():  # an optional caption beside the image
+            caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip() or None
+        sample = dict(key=f"{self.classes[label]}/{path.stem}", image=image, caption=caption, label=label)
+        return self.transform(sample) if self.transform is not None else sample
+
+
+class _Prefix(IterableDataset):
+    """The first ``n`` samples of an iterable dataset (shards are shuffled at build time, so a
+    prefix is a fair sample)."""
+
+    def __init__(self, ds, n: int):
+        self.ds, self.n = ds, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.ds), self.n)
+
+    def __len__(self) -> int:  # an upper bound: the shards may hold fewer
+        return self.n
+
+
+def _class_names_beside(shards: list[str]) -> list[str] | None:
+    folder = Path(shards[0]).parent
+    if (folder / "classes.txt").is_file():
+        return [line.strip() for line in (folder / "classes.txt").read_text().splitlines() if line.strip()]
+    if (folder / "classes.tsv").is_file():
+        rows = [line.split("\t") for line in (folder / "classes.tsv").read_text().splitlines() if line.strip()]
+        return [r[-1].strip() for r in sorted(rows, key=lambda r: int(r[0]))]
+    return None
+
+
+def _file_stamp(paths) -> str:
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int | None = None,
+                  crop_scale=(0.08, 1.0)) -> LabelledData:
+    """A labelled dataset from a data spec (see the module doc).
+
+    ``train=True`` applies the usual fine-tuning augmentation (random resized crop with
+    ``crop_scale``, horizontal flip); otherwise resize + centre crop. ``limit`` keeps the
+    first ``limit`` samples.
+    """
+    transform = (PretrainTransform(image_size, crop_scale, hflip=0.5, swap_captions=True) if train
+                 else EvalTransform(image_size))
+    tag = f"{spec}|{image_size}|{train}|{limit}"
+    if spec == "shapes" or spec.startswith("shapes:"):
+        parts = spec.split(":")[1:]
+        try:
+            size = int(parts[0]) if parts else 1000
+            seed = int(parts[1]) if len(parts) > 1 else 0
+        except ValueError:
+            raise ValueError(f"bad shapes spec {spec!r}; expected shapes, shapes:N or shapes:N:SEED") from None
+        ds = ShapesDataset(size if limit is None else min(size, limit), image_size, seed, transform=transform)
+        return LabelledData(ds, list(ShapesDataset.class_names), tag)
+    if os.path.isdir(spec):
+        ds = ImageFolderSource(spec, transform)
+        if limit is not None and limit < len(ds):
+            # A folder is ordered by class: take an even stride, not the first classes only.
+            idx = torch.linspace(0, len(ds) - 1, limit).round().long().tolist()
+            ds = torch.utils.data.Subset(ds, idx)
+            names = ds.dataset.classes
+        else:
+            names = ds.classes
+        return LabelledData(ds, names, tag + "|" + _file_stamp(p for p, _ in (
+            ds.dataset.samples if isinstance(ds, torch.utils.data.Subset) else ds.samples)))
+    shards = expand_urls(spec)
+    if not shards or not any(u.endswith((".tar", ".tar.gz", ".tgz")) or "://" in u for u in shards):
+        raise FileNotFoundError(f"data {spec!r} is neither 'shapes[:N[:SEED]]', an image folder, "
+                                "nor WebDataset shards (*.tar / *.tar.gz) that exist")
+    # Fine-tuning reads shards through a shuffle buffer; evaluation in shard order.
+    ds = webdataset_source(shards, transform=transform, shuffle_buffer=1000 if train else 0)
+    if limit is not None:
+        ds = _Prefix(ds, limit)
+    local = [u for u in shards if os.path.exists(u)]
+    return LabelledData(ds, _class_names_beside(shards), tag + "|" + _file_stamp(local))
+
+
+def make_loader(data: LabelledData, text_encoder=None, batch_size: int = 128, shuffle: bool = False,
+                num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """Batches (see :class:`m3ae.data.Collator`); captions are tokenised when given a text encoder."""
+    iterable = isinstance(data.dataset, IterableDataset)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(data.dataset, batch_size=batch_size, shuffle=shuffle and not iterable, generator=g,
+                      num_workers=num_workers, collate_fn=Collator(text_encoder))

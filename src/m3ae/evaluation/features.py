@@ -1,0 +1,195 @@
+"""Encoder features for downstream work: image-only, text-only or image+text inputs.
+
+A feature is the encoder's CLS token or the mean of its tokens (the real ones: caption
+padding and absent images are left out), from the final output (after the encoder's
+LayerNorm, what the paper probes) or from a chosen block (that block's residual stream,
+before any LayerNorm; the probe's BatchNorm takes care of the scale).
+
+:func:`cached_features` stores features on disk under a key made of the model weights'
+hash, the data fingerprint and the options, so a probe, kNN and OOD run on the same model
+and data compute them once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file as load_np, save_file as save_np
+from tqdm.auto import tqdm
+
+from ..data import model_inputs
+from ..model import M3AE
+from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
+from ..tokenizer import TextEncoder, load_tokenizer
+
+MODALITIES = ("image", "text", "both")
+POOLS = ("cls", "mean")
+
+
+@dataclass
+class Features:
+    features: np.ndarray  # (N, D) float32
+    labels: np.ndarray    # (N,) int64, -1 where unknown
+    keys: list[str]
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def save(self, path: str | Path) -> Path:
+        """``.safetensors`` (tensors ``features``, ``labels``; keys and class names in the
+        metadata) or ``.npy`` (features; ``<stem>.labels.npy`` and ``<stem>.keys.json`` beside)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"keys": self.keys, "class_names": self.class_names}
+        if path.suffix == ".safetensors":
+            save_np({"features": self.features, "labels": self.labels}, str(path),
+                    metadata={"m3ae": json.dumps(meta)})
+        elif path.suffix == ".npy":
+            np.save(path, self.features)
+            np.save(path.with_name(path.stem + ".labels.npy"), self.labels)
+            path.with_name(path.stem + ".keys.json").write_text(json.dumps(meta))
+        else:
+            raise ValueError(f"feature file {path} must end in .npy or .safetensors")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Features:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"feature file {path} does not exist")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "np") as f:
+                meta = json.loads((f.metadata() or {}).get("m3ae", "{}"))
+            t = load_np(str(path))
+            return cls(t["features"], t["labels"], meta.get("keys", []), meta.get("class_names"))
+        meta = json.loads(path.with_name(path.stem + ".keys.json").read_text())
+        return cls(np.load(path), np.load(path.with_name(path.stem + ".labels.npy")), meta["keys"],
+                   meta.get("class_names"))
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               need_tokenizer: bool = False) -> tuple[M3AE, TextEncoder | None]:
+    """A pretrained folder -> (model in eval mode on ``device``, its text encoder or None)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder {directory} does not exist (expected a pretrained folder "
+                                "with config.json and model.safetensors, e.g. RUN/final)")
+    model = M3AE.from_pretrained(directory).to(device).eval()
+    text_encoder = None
+    if (directory / TOKENIZER_NAME).is_file():
+        text_encoder = TextEncoder(load_tokenizer(directory / TOKENIZER_NAME), model.config.max_text_len)
+    elif need_tokenizer:
+        raise FileNotFoundError(f"{directory} has no {TOKENIZER_NAME}; text inputs need the model's tokenizer")
+    return model, text_encoder
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> torch.Tensor:
+    """(B, N, D) encoder tokens -> (B, D): CLS (position 0) or the mean over the valid
+    non-CLS tokens (``valid`` (B, N) bool, None = all valid)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        w = torch.ones(tokens.shape[:2], device=tokens.device) if valid is None else valid.float()
+        w = w.clone()
+        w[:, 0] = 0  # CLS is not a token of the input
+        return (tokens * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
+@torch.no_grad()
+def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str = "cls",
+                 block: int | None = None) -> torch.Tensor:
+    """Features (B, D) of one collated batch. ``block`` (0-based, negative from the end)
+    takes that block's output instead of the final normalised encoder output."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    device = next(model.parameters()).device
+    x = model_inputs(batch, device)
+    image = x["image"] if modality in ("image", "both") else None
+    text = pad = None
+    if modality in ("text", "both"):
+        if x["text"] is None:
+            raise ValueError(f"modality={modality!r} needs captions, but the data has none "
+                             "(or the model folder has no tokenizer)")
+        text, pad = x["text"], x["text_padding_mask"]
+    if image is None and text is None:
+        raise ValueError("modality='image' needs images, but the batch has none")
+    enc, _ = model.forward_encoder(image, text, pad, x["image_valid"] if image is not None else None,
+                                   return_intermediates=block is not None)
+    tokens = enc.latent
+    if block is not None:
+        depth = len(enc.intermediates)
+        if not -depth <= block < depth:
+            raise ValueError(f"block {block} is out of range for an encoder of depth {depth}")
+        tokens = enc.intermediates[block]
+    return pool_tokens(tokens, enc.key_valid, pool).float()
+
+
+@torch.no_grad()
+def extract_features(model: M3AE, loader, modality: str = "image", pool: str = "cls", block: int | None = None,
+                     progress: bool = True, class_names: list[str] | None = None,
+                     desc: str = "features") -> Features:
+    """Run the encoder over every batch of ``loader`` (from :func:`m3ae.evaluation.data.make_loader`)."""
+    model.eval()
+    feats, labels, keys = [], [], []
+    total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
+    with tqdm(total=total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True) as bar:
+        for batch in loader:
+            feats.append(encode_batch(model, batch, modality, pool, block).cpu())
+            labels.append(batch["label"])
+            keys.extend(batch["key"])
+            bar.update(len(batch["label"]))
+    if not feats:
+        raise ValueError("the data produced no samples")
+    return Features(torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64), keys, class_names)
+
+
+def weights_hash(directory: str | Path) -> str:
+    """SHA-1 of the model's weights file (streamed: fine for multi-GB files)."""
+    h = hashlib.sha1()
+    with open(Path(directory) / WEIGHTS_NAME, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("M3AE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "m3ae")
+    return Path(base) / "features"
+
+
+def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, text_encoder=None,
+                    modality: str = "image", pool: str = "cls", block: int | None = None,
+                    batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
+                    device: str | torch.device = "cpu", desc: str = "features") -> Features:
+    """Features of ``data`` (a :class:`~m3ae.evaluation.data.LabelledData`), computed once and
+    then read from ``cache_dir`` (default ``$M3AE_CACHE/features`` or ``~/.cache/m3ae/features``)."""
+    from .data import make_loader
+
+    key = hashlib.sha1(json.dumps([weights_hash(model_dir), data.fingerprint, modality, pool, block]).encode())
+    path = Path(cache_dir or default_cache_dir()) / f"{key.hexdigest()[:20]}.safetensors"
+    if path.is_file():
+        return Features.load(path)
+    if model is None:
+        model, text_encoder = load_model(model_dir, device, need_tokenizer=modality != "image")
+    loader = make_loader(data, text_encoder if modality != "image" else None, batch_size)
+    feats = extract_features(model, loader, modality, pool, block, progress, data.class_names, desc)
+    tmp = path.with_name(path.stem + ".tmp.safetensors")
+    feats.save(tmp)
+    os.replace(tmp, path)  # a crash never leaves a half-written cache entry
+    return feats

@@ -1,0 +1,173 @@
+"""Fine-tuning the encoder for classification: the whole encoder or only its last k blocks
+(the paper's partial fine-tuning), with layer-wise LR decay, label smoothing and the usual
+augmentation (random resized crop + horizontal flip, from :func:`load_labelled(train=True)`).
+
+The classifier is the pretrained encoder (the decoder is dropped from the optimiser) with
+a linear head on the CLS feature. Layer-wise decay scales block ``i``'s LR by
+``layer_decay ** (depth + 1 - layer_id)`` with ``layer_id`` from :meth:`M3AE.group_matcher`
+(0 = embeddings, i+1 = block i, depth+1 = final norm and head), as BEiT and MAE do. AdamW,
+warm-up then cosine decay; no weight decay on biases, norms, tokens and embedding tables.
+Mixup/CutMix and drop-path are not implemented.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import model_inputs
+from ..model import M3AE
+from .features import pool_tokens
+
+
+class Classifier(nn.Module):
+    """Encoder of an :class:`M3AE` + linear head on the pooled (CLS or mean) image feature."""
+
+    def __init__(self, model: M3AE, num_classes: int, pool: str = "cls", class_names=None):
+        super().__init__()
+        self.model, self.pool, self.class_names = model, pool, class_names
+        self.head = nn.Linear(model.config.emb_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE: a near-zero head starts from uniform logits
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.head(pool_tokens(self.model.forward_features(image), None, self.pool))
+
+    def save(self, directory: str | Path) -> Path:
+        """``classifier.safetensors`` + ``classifier.json`` (model config, classes, pooling)."""
+        from dataclasses import asdict
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith(("model.decoder", "model.image_head", "model.text_head"))}
+        save_file(state, str(directory / "classifier.safetensors"))
+        (directory / "classifier.json").write_text(json.dumps(
+            {"model": asdict(self.model.config), "num_classes": self.head.out_features, "pool": self.pool,
+             "class_names": self.class_names}, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, map_location: str = "cpu") -> Classifier:
+        from ..config import ModelConfig
+
+        directory = Path(directory)
+        if not (directory / "classifier.json").is_file():
+            raise FileNotFoundError(f"{directory} is not a fine-tuned classifier folder (no classifier.json)")
+        meta = json.loads((directory / "classifier.json").read_text())
+        clf = cls(M3AE(ModelConfig(**meta["model"])), meta["num_classes"], meta["pool"], meta["class_names"])
+        missing, unexpected = clf.load_state_dict(load_file(str(directory / "classifier.safetensors"),
+                                                            device=map_location), strict=False)
+        if unexpected or any(not k.startswith(("model.decoder", "model.image_head", "model.text_head",
+                                               "model.image_mask", "model.text_mask", "model.decoder_"))
+                             for k in missing):
+            raise ValueError(f"{directory}: classifier weights do not fit (missing {missing}, unexpected {unexpected})")
+        return clf.eval()
+
+    @torch.no_grad()
+    def predict_logits_loader(self, loader, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        self.eval()
+        device = next(self.parameters()).device
+        logits, labels = [], []
+        for batch in tqdm(loader, disable=not progress, desc="classify"):
+            logits.append(self(model_inputs(batch, device)["image"]).float().cpu())
+            labels.append(batch["label"])
+        return torch.cat(logits), torch.cat(labels)
+
+
+def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: float,
+                 last_blocks: int | None) -> list[dict]:
+    """Trainable parameters grouped by (LR scale, weight decay). ``last_blocks=k`` trains only
+    the last k blocks, the final norm and the head; ``None`` trains the whole encoder."""
+    model = clf.model
+    depth = model.config.depth
+    no_decay = model.no_weight_decay()
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in clf.named_parameters():
+        if name.startswith("model."):
+            inner = name[len("model."):]
+            if not inner.startswith(("patch_embed", "text_embed", "cls_token", "encoder")) or "decoder" in inner:
+                p.requires_grad_(False)  # decoder, heads, mask tokens: not used to classify
+                continue
+            layer = model.group_matcher(inner)
+            if last_blocks is not None and layer < depth + 1 - last_blocks:
+                p.requires_grad_(False)
+                continue
+            wd = 0.0 if inner in no_decay else weight_decay
+        else:  # the head
+            layer, wd = depth + 1, (0.0 if p.dim() <= 1 else weight_decay)
+        p.requires_grad_(True)
+        scale = layer_decay ** (depth + 1 - layer)
+        groups.setdefault((scale, wd), []).append(p)
+    return [{"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
+
+
+@dataclass
+class FinetuneResult:
+    top1: float
+    top5: float
+    history: list = field(default_factory=list)
+    classifier: Classifier = field(default=None, repr=False)
+
+    def as_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "history": self.history}
+
+
+def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_blocks: int | None = None,
+             epochs: int = 10, batch_size: int | None = None, base_lr: float = 5e-4, lr: float | None = None,
+             layer_decay: float = 0.75, weight_decay: float = 0.05, label_smoothing: float = 0.1,
+             warmup_epochs: float = 1.0, pool: str = "cls", class_names=None, grad_clip: float = 0.0,
+             progress: bool = True, seed: int = 0) -> FinetuneResult:
+    """Fine-tune on ``train_loader`` (augmented batches), report top-1/top-5 on ``val_loader``
+    after each epoch. ``lr`` defaults to ``base_lr * batch_size / 256`` (MAE's scaling)."""
+    from .linear_probe import topk_accuracy
+
+    torch.manual_seed(seed)
+    if last_blocks is not None and not 0 <= last_blocks <= model.config.depth:
+        raise ValueError(f"last_blocks must be in [0, {model.config.depth}], got {last_blocks}")
+    device = next(model.parameters()).device
+    clf = Classifier(model, num_classes, pool, class_names).to(device)
+    batch_size = batch_size or train_loader.batch_size
+    lr = lr if lr is not None else base_lr * batch_size / 256
+    opt = torch.optim.AdamW(param_groups(clf, lr, weight_decay, layer_decay, last_blocks), lr=lr, betas=(0.9, 0.999))
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:
+        raise ValueError("fine-tuning needs a dataset of known size; for WebDataset shards pass a limit "
+                         "(the number of training samples)") from None
+    total, warm = max(1, epochs * steps_per_epoch), warmup_epochs * steps_per_epoch
+
+    def lr_factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    history, step = [], 0
+    for epoch in range(epochs):
+        clf.train()
+        running, seen = 0.0, 0
+        for batch in tqdm(train_loader, disable=not progress, desc=f"finetune {epoch + 1}/{epochs}", dynamic_ncols=True):
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_scale"] * lr_factor(step)
+            image = model_inputs(batch, device)["image"]
+            loss = loss_fn(clf(image), batch["label"].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+            opt.step()
+            step += 1
+            running += loss.item() * len(image)
+            seen += len(image)
+        logits, labels = clf.predict_logits_loader(val_loader)
+        acc = topk_accuracy(logits, labels)
+        history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), **acc})
+    last = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
+    return FinetuneResult(last["top1"], last["top5"], history, clf.eval())

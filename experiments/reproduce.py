@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the M3AE paper's four claims at small scale, with one command.
 
-    python experiments/reproduce.py --mode quick            # ~20-30 min on 2 CPU cores
+    python experiments/reproduce.py --mode quick            # ~35 min on 2 busy CPU cores
     python experiments/reproduce.py --mode full --device cuda
     python experiments/reproduce.py --mode quick --report   # tables and plots from the JSON only
 
@@ -386,8 +386,12 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
     seen = sum(r["samples_seen"] for r in results.values())
     imgs = sum(r["eval_images"] for r in results.values())
     wall = max(r["finished_at"] for r in results.values()) - min(r["started_at"] for r in results.values())
+    # How many runs overlapped at most (the command may have been started more than once).
+    spans = [(r["started_at"], r["finished_at"]) for r in results.values()]
+    parallel = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
     s["timing"] = {"pretrain_seconds": pre, "eval_seconds": ev, "pretrain_samples_per_s": seen / max(pre, 1e-9),
-                   "eval_images_per_s": imgs / max(ev, 1e-9), "wall_seconds": wall}
+                   "eval_images_per_s": imgs / max(ev, 1e-9), "wall_seconds": wall,
+                   "max_parallel_runs": parallel, "devices": sorted({r["device"] for r in results.values()})}
     # Full mode's wall time at the throughput measured here (the same 8x8 token grid, so
     # about the same cost per sample; decoding 64 px instead of resizing to 32 is a wash).
     full = MODES["full"]
@@ -503,8 +507,10 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "shared by all runs.",
           "- **MAE baseline** = the same config and seed with `data.paired_fraction=0`: every caption is "
           "dropped, batches are image-only, the loss is the pixel loss alone. Same encoder, image mask "
-          "ratio, data order (the shards are read in order; a seeded generator draws the augmentation "
-          "and masks) and number of steps.",
+          "ratio, number of steps, data order and augmentation (the shards are read in order; the crops "
+          "and flips come from the seeded global generator). The image masks come from the same seeded "
+          "mask generator, but M3AE also draws its text masks from it, so after the first step the two "
+          "models see different (equally distributed) image masks.",
           f"- Linear probe: BatchNorm (no affine) + linear layer on frozen CLS features, trained "
           f"{m['probe_epochs']} epochs on the labels of {m['probe_train']:,} Tiny-ImageNet train images, "
           f"evaluated on {m['val']:,} val images (200 classes; chance {_fmt([c1['chance']], 2)} %). kNN (k=20) beside it.",
@@ -539,25 +545,25 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
     L += ["", "## Plots and pictures", "", f"![claims]({rel(pictures[0])})", ""]
     for p in pictures[1:]:
         L.append(f"![{Path(p).stem}]({rel(p)})")
+    t = s["timing"]
     L += ["", "## Runs and wall times", "",
-          "Wall times are from a shared machine (2 CPU cores, several other jobs running), so take "
-          "them as rough.", "",
+          f"Devices: {', '.join(t['devices'])}. Times on a CPU shared with other jobs depend on their load; "
+          "take them as rough.", "",
           "| run | steps | samples | final loss | image loss | text loss | pre-train s | eval s | device |",
           "|---|---|---|---|---|---|---|---|---|"]
     for n, r in s["runs"].items():
         f = r["final"]
         L.append(f"| {n} | {r['steps']} | {r['samples_seen']:,} | {f['loss']:.3f} | {f['image_loss']:.3f} | "
                  f"{f['text_loss']:.3f} | {r['pretrain_seconds']:.0f} | {r['eval_seconds']:.0f} | {r['device']} |")
-    t = s["timing"]
-    L += ["", f"Wall clock from the first run's start to the last run's end: {t['wall_seconds'] / 60:.1f} min "
-          "(tokenizer training not included). "
+    L += ["", f"Wall clock from the first run's start to the last run's end: {t['wall_seconds'] / 60:.1f} min, "
+          f"with up to {t['max_parallel_runs']} runs at a time (tokenizer training not included). "
           f"Summed over runs: pre-training {t['pretrain_seconds'] / 60:.1f} min "
           f"({t['pretrain_samples_per_s']:.0f} samples/s), evaluation {t['eval_seconds'] / 60:.1f} min "
-          f"({t['eval_images_per_s']:.0f} images/s), per process. At these rates one process would run the full mode "
+          f"({t['eval_images_per_s']:.0f} images/s), per process. At these rates one process would need about "
+          f"{s['full_estimate_hours']:.0f} hours on the same CPUs for the full mode "
           f"({len(run_specs(MODES['full']))} runs × {MODES['full']['steps']} steps × batch "
-          f"{MODES['full']['batch_size']}, full evaluation sets) would take about "
-          f"{s['full_estimate_hours']:.0f} hours on the same CPUs (not measured: an estimate; the GPU "
-          "command below is the practical way to run it).", "",
+          f"{MODES['full']['batch_size']}, full evaluation sets); that is an estimate, not a measurement, "
+          "and the GPU command below is the practical way to run it.", "",
           "## Commands", "", "```bash",
           f"python experiments/reproduce.py --mode {s['mode']} --threads 1   # what produced this page",
           f"python experiments/reproduce.py --mode {s['mode']} --report      # tables and plots again, from the JSON",
@@ -576,6 +582,9 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "probe trains on ImageNet train); val images were never seen.",
           "- Far OOD mixes in a resolution cue in 64 px modes (CIFAR-10 is 32 px, upsampled); at "
           "32 px both datasets are at their native or reduced size.",
+          "- An AUROC below 50 % means the score ranks the OOD set as *more* in-distribution than the "
+          "in-distribution test set; an untrained-looking encoder can do that (e.g. smooth, low-contrast "
+          "images lying close to the class means), so it says the features are not yet semantic.",
           "- The text mask ratio ablation with one seed cannot separate ratios whose effect is smaller "
           "than the seed spread.", ""]
     path = docs / "results.md"

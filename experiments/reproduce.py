@@ -585,6 +585,10 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "- An AUROC below 50 % means the score ranks the OOD set as *more* in-distribution than the "
           "in-distribution test set; an untrained-looking encoder can do that (e.g. smooth, low-contrast "
           "images lying close to the class means), so it says the features are not yet semantic.",
+          "- Resuming: the trainer restores the data position only for map-style sources; a WebDataset "
+          "run that is interrupted and resumed starts reading the shards from the beginning again, so "
+          "its data order then differs from its partner's. Compare runs that were not interrupted "
+          "(or rerun the pair).",
           "- The text mask ratio ablation with one seed cannot separate ratios whose effect is smaller "
           "than the seed spread.", ""]
     path = docs / "results.md"

@@ -508,9 +508,8 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "- **MAE baseline** = the same config and seed with `data.paired_fraction=0`: every caption is "
           "dropped, batches are image-only, the loss is the pixel loss alone. Same encoder, image mask "
           "ratio, number of steps, data order and augmentation (the shards are read in order; the crops "
-          "and flips come from the seeded global generator). The image masks come from the same seeded "
-          "mask generator, but M3AE also draws its text masks from it, so after the first step the two "
-          "models see different (equally distributed) image masks.",
+          "and flips come from per-sample seeds), and the same image masks: the trainer draws image and "
+          "text masking noise from separate streams seeded by (seed, step).",
           f"- Linear probe: BatchNorm (no affine) + linear layer on frozen CLS features, trained "
           f"{m['probe_epochs']} epochs on the labels of {m['probe_train']:,} Tiny-ImageNet train images, "
           f"evaluated on {m['val']:,} val images (200 classes; chance {_fmt([c1['chance']], 2)} %). kNN (k=20) beside it.",
@@ -585,10 +584,8 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "- An AUROC below 50 % means the score ranks the OOD set as *more* in-distribution than the "
           "in-distribution test set; an untrained-looking encoder can do that (e.g. smooth, low-contrast "
           "images lying close to the class means), so it says the features are not yet semantic.",
-          "- Resuming: the trainer restores the data position only for map-style sources; a WebDataset "
-          "run that is interrupted and resumed starts reading the shards from the beginning again, so "
-          "its data order then differs from its partner's. Compare runs that were not interrupted "
-          "(or rerun the pair).",
+          "- Resuming: every checkpoint holds the data position (for shard streams too), so an "
+          "interrupted and resumed run continues the same data order as its partner.",
           "- The text mask ratio ablation with one seed cannot separate ratios whose effect is smaller "
           "than the seed spread.", ""]
     path = docs / "results.md"

@@ -76,9 +76,37 @@ class Switches:
     compile: bool = False
     grad_checkpointing: bool = False
     channels_last: bool = False
+    fast_ce: bool = True          # losses._ce_and_correct (one log-softmax, amax) vs cross_entropy + argmax
+    malloc_keep: bool = True      # glibc: keep freed memory in the process instead of unmapping it
 
 
-PLAIN = Switches(text_logits="all", trim_text=False, optimizer="plain", host_sync=True)
+PLAIN = Switches(text_logits="all", trim_text=False, optimizer="plain", host_sync=True, fast_ce=False,
+                 malloc_keep=False)
+
+
+def reference_ce_and_correct(logits, targets):
+    """The loss as first written: ``F.cross_entropy`` and ``argmax`` (kept for before/after)."""
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits.movedim(-1, 1) if logits.dim() > 2 else logits, targets, reduction="none")
+    return ce, (logits.argmax(-1) == targets).to(ce.dtype)
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc not to hand large freed blocks back to the OS.
+
+    Gradients, logits and activations of tens of MB are freed and re-allocated every step.
+    By default glibc serves them with mmap/munmap, so each step pays page faults and the
+    kernel's zeroing of fresh pages; keeping them in the heap reuses the same memory.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 30))
 
 
 def build(cfg, sw: Switches, device, lr: float = 1.5e-4 * 32 / 256):
@@ -98,6 +126,12 @@ def make_step(model, criterion, opt, sw: Switches, device):
             out = model(**inputs, text_logits=sw.text_logits)
             return criterion(out)
 
+    import m3ae.losses
+
+    if not sw.fast_ce:
+        m3ae.losses._ce_and_correct = reference_ce_and_correct
+    if sw.malloc_keep and device.type == "cpu":
+        keep_freed_memory()
     fwd = torch.compile(loss_fn) if sw.compile else loss_fn
 
     def step(batch):
@@ -125,13 +159,54 @@ def sync(device):
 
 
 # ------------------------------------------------------------------------ measurements
+def analytic_forward_flops(cfg, batch: int, text_len: int) -> int:
+    """Matmul FLOPs of one plain forward (text head over every position), by formula.
+
+    The training step costs about 3x this (backward = two matmuls per forward matmul, less
+    the input gradient of the patch embedding); see the module docstring for bench-cpu.
+    """
+    from m3ae.ops import num_kept
+
+    d, dd, n_img = cfg.emb_dim, cfg.dec_emb_dim, cfg.num_patches
+    hid, dhid = int(d * cfg.mlp_ratio), int(dd * cfg.mlp_ratio)
+    n_enc = 1 + num_kept(n_img, cfg.image_mask_ratio) + num_kept(text_len, cfg.text_mask_ratio)
+    n_dec = 1 + n_img + text_len
+
+    def blocks(n, w, h, depth):  # qkv + proj + fc1 + fc2, then q@k^T and attn@v
+        return depth * (2 * n * w * (3 * w + w + 2 * h) + 4 * n * n * w)
+
+    f = 2 * n_img * cfg.patch_dim * d                       # patch embedding
+    f += blocks(n_enc, d, hid, cfg.depth)
+    f += 2 * n_enc * d * dd                                 # decoder_embed
+    f += blocks(n_dec, dd, dhid, cfg.dec_depth)
+    f += 2 * n_img * dd * cfg.patch_dim + 2 * text_len * dd * cfg.vocab_size  # heads
+    return batch * f
+
+
+def _cpu_flash_attention_flops():
+    """FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that
+    ``scaled_dot_product_attention`` uses here; count it with the same formulas."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+
+    def fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    def bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+    return {aten._scaled_dot_product_flash_attention_for_cpu: fwd,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: bwd}
+
+
 def count_flops(step_like, batches) -> float:
     """Mean FLOPs of one forward+backward over the given batches (the optimizer is not a matmul)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     total = 0
     for b in batches:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False, custom_mapping=_cpu_flash_attention_flops()) as fc:
             step_like(b)
         total += fc.get_total_flops()
     return total / len(batches)
@@ -205,7 +280,8 @@ def run(args) -> dict:
         k: v for k, v in dict(text_logits=args.text_logits, trim_text=args.trim_text,
                               optimizer=args.optimizer, host_sync=args.host_sync,
                               compile=args.compile, grad_checkpointing=args.grad_checkpointing,
-                              channels_last=args.channels_last).items() if v is not None}})
+                              channels_last=args.channels_last, fast_ce=args.fast_ce,
+                              malloc_keep=args.malloc_keep).items() if v is not None}})
     sw.precision = args.precision
     torch.manual_seed(args.seed)
     batches = synthetic_batches(cfg, batch, args.distinct_batches, text_len, args.min_len,
@@ -266,6 +342,7 @@ def run(args) -> dict:
         if len(times) >= 4 else None,
         "samples_per_s": sps, "samples_per_s_best": batch / min(times),
         "flops_per_sample": flops, "plain_flops_per_sample": plain_flops,
+        "analytic_plain_forward_flops_per_sample": analytic_forward_flops(cfg, 1, text_len),
         "achieved_flops": flops * sps, "peak_matmul_flops": peak,
         "peak_detail": {"before": peak_before, "after": peak_after},
         "mfu": flops * sps / peak, "mfu_plain_flops": plain_flops * sps / peak,
@@ -317,6 +394,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--fast-ce", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--malloc-keep", action=argparse.BooleanOptionalAction, default=None)
     return p.parse_args(argv)
 
 

@@ -86,6 +86,8 @@ def test_trim_text_padding_cuts_to_the_longest_caption():
     t, p = trim_text_padding(text[:, 3:], pad[:, 3:])
     assert t.shape == (2, 1) and p.all()
     assert trim_text_padding(None, None) == (None, None)
+    # a length the collate function already knows gives the same cut without reading the mask
+    assert torch.equal(trim_text_padding(text, pad, 3)[0], trim_text_padding(text, pad)[0])
 
 
 @pytest.mark.parametrize("text_logits", ["all", "masked"])

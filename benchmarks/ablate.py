@@ -33,31 +33,52 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (substring match)")
     p.add_argument("--out", default=None)
+    p.add_argument("--keep", default=None, help="keep each run's JSON in this folder")
+    p.add_argument("--summarise", default=None, help="only tabulate the run JSONs already in this folder")
     p.add_argument("extra", nargs="*", help="arguments passed to every run (after --)")
     a = p.parse_args()
     names = [n for n in VARIANTS if not a.only or any(s in n for s in a.only)]
     runs: dict[str, list[dict]] = {n: [] for n in names}
+    if a.summarise:
+        for f in sorted(Path(a.summarise).glob("*-*.json")):
+            i = int(f.name.split("-")[0])
+            runs.setdefault(list(VARIANTS)[i], []).append(json.loads(f.read_text()))
+        runs = {n: rs for n, rs in runs.items() if rs}
+        return report(runs, a)
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
             for i, n in enumerate(names):
-                out = Path(tmp) / f"{i}-{r}.json"
+                out = Path(a.keep or tmp) / f"{list(VARIANTS).index(n)}-{r}.json"
+                out.parent.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, str(HERE / "train_throughput.py"), *VARIANTS[n], *a.extra, "--json", str(out)]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 runs[n].append(json.loads(out.read_text()))
                 res = runs[n][-1]
                 print(f"[round {r}] {n.strip()}: {res['samples_per_s']:.1f} samples/s, MFU {100 * res['mfu']:.1f}%",
                       file=sys.stderr, flush=True)
+    report(runs, a)
+
+
+def report(runs: dict[str, list[dict]], a) -> None:
+    """Medians per variant. On a shared machine absolute samples/s swing with the load, so
+    compare ``samples/s per peak`` (samples/s divided by the matmul peak measured between
+    the steps of the same run, in samples per GFLOP of peak): the load slows both alike."""
     rows = []
-    print("| variant | samples/s (median of rounds) | step s | GFLOP/sample | matmul peak GFLOP/s | MFU | MFU (plain FLOPs) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | runs | samples/s (median) | samples/s per peak GFLOP/s | step s | GFLOP/sample executed |"
+          " matmul peak GFLOP/s | MFU | MFU (plain FLOPs) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, rs in runs.items():
         med = lambda k: statistics.median(x[k] for x in rs)  # noqa: E731
+        norm = statistics.median(x["samples_per_s"] / (x.get("local_peak_median_flops", x["peak_matmul_flops"]) / 1e9)
+                                 for x in rs)
         row = {"variant": n.strip(), "samples_per_s": med("samples_per_s"), "step_s": med("step_time_median_s"),
-               "gflop_per_sample": med("flops_per_sample") / 1e9, "peak_gflops": med("peak_matmul_flops") / 1e9,
-               "mfu": med("mfu"), "mfu_plain": med("mfu_plain_flops"),
-               "all_samples_per_s": [x["samples_per_s"] for x in rs], "command_args": VARIANTS[n] + a.extra}
+               "gflop_per_sample": med("flops_per_sample") / 1e9,
+               "peak_gflops": statistics.median(x.get("local_peak_median_flops", x["peak_matmul_flops"]) for x in rs) / 1e9,
+               "mfu": med("mfu"), "mfu_plain": med("mfu_plain_flops"), "samples_per_s_per_peak_gflops": norm,
+               "all_samples_per_s": [x["samples_per_s"] for x in rs], "command": rs[0]["command"]}
         rows.append(row)
-        print(f"| {n} | {row['samples_per_s']:.1f} | {row['step_s']:.3f} | {row['gflop_per_sample']:.3f} | "
+        print(f"| {n.strip()} | {len(rs)} | {row['samples_per_s']:.1f} | {norm:.3f} | {row['step_s']:.3f} | "
+              f"{row['gflop_per_sample']:.3f} | "
               f"{row['peak_gflops']:.0f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_plain']:.1f}% |")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

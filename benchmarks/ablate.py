@@ -73,7 +73,8 @@ def report(runs: dict[str, list[dict]], a) -> None:
                                  for x in rs)
         row = {"variant": n.strip(), "samples_per_s": med("samples_per_s"), "step_s": med("step_time_median_s"),
                "gflop_per_sample": med("flops_per_sample") / 1e9,
-               "peak_gflops": statistics.median(x.get("local_peak_median_flops", x["peak_matmul_flops"]) for x in rs) / 1e9,
+               "peak_gflops": statistics.median(x.get("local_peak_median_flops", x["peak_matmul_flops"])
+                                                for x in rs) / 1e9,
                "mfu": med("mfu"), "mfu_plain": med("mfu_plain_flops"), "samples_per_s_per_peak_gflops": norm,
                "all_samples_per_s": [x["samples_per_s"] for x in rs], "command": rs[0]["command"]}
         rows.append(row)

@@ -48,9 +48,7 @@ def measure_one(config: str, batch: int, ckpt: bool, device: str, precision: str
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    else:
-        import resource  # noqa: F401  (Linux only: VmRSS / VmHWM below)
-
+    else:  # Linux: VmRSS now, VmHWM (reset here) after the step
         before = _vm_rss()
         if not reset_rss_peak():
             raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")

@@ -156,3 +156,26 @@ def no_masking(valid: torch.Tensor, all_valid: bool = False) -> Masking:
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (B, L, D), ids (B, K) -> (B, K, D): the tokens at ``ids`` for each sample."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def trim_text_padding(text: torch.Tensor | None, padding_mask: torch.Tensor | None,
+                      length: int | None = None):
+    """Cut captions (B, T) and their padding mask to the batch's longest real caption.
+
+    Positions that are padding in every row add nothing to the model's result: they are
+    never kept by :func:`random_masking`, are masked out of both attentions, and carry no
+    loss. Trimming them saves encoder slots (the static bound ``floor(T * (1 - r))``
+    shrinks with T), decoder positions and text-head rows. Call it on the batch before the
+    model (it reads the length on the host, which would be a sync on a GPU; a loader can
+    do it in its collate function instead, or pass the ``length`` it already knows).
+    Captions are assumed right-padded.
+    """
+    if text is None or padding_mask is None:
+        return text, padding_mask
+    if length is not None:
+        return text[:, :length], padding_mask[:, :length]
+    real = ~padding_mask.bool()
+    # Index of the last real token + 1, over the batch; at least 1 so shapes stay valid.
+    pos = torch.arange(1, text.shape[1] + 1, device=text.device)
+    length = max(1, int((real * pos).amax()))
+    return text[:, :length], padding_mask[:, :length]

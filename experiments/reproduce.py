@@ -532,7 +532,7 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
     L += ["", "## Claim 3: text mask ratio", "", "| text mask ratio | top-1 here |", "|---|---|"]
     for k, v in c3["top1"].items():
         L.append(f"| {float(k):.0%} | {_fmt([v])} |")
-    L += [f"", f"Paper: {PAPER['claim3']}.", "", "## Claim 4: OOD detection (AUROC %)", "",
+    L += ["", f"Paper: {PAPER['claim3']}.", "", "## Claim 4: OOD detection (AUROC %)", "",
           "| setting | score | paper MAE | paper M3AE | MAE here | M3AE here |", "|---|---|---|---|---|---|"]
     for setting, what in (("ood_near", "near: CIFAR-10 0–4 vs 5–9"), ("ood_far", "far: Tiny-ImageNet vs CIFAR-10")):
         for metric in ("mahalanobis", "msp"):

@@ -14,6 +14,16 @@ from .data.transforms import denormalize  # noqa: E402
 from .ops import patchify, unpatchify  # noqa: E402
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating folders) and close a matplotlib figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 @torch.no_grad()
 def reconstruction_images(model, image: torch.Tensor, out, norm_pix_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (original, masked, reconstruction with visible patches pasted back), pixels in [0, 1].
@@ -77,12 +87,7 @@ def save_reconstruction_grid(model, batch: dict, path: str | Path, text_encoder=
             cap = caption_with_predictions(text_encoder, text[i].cpu(), pad[i].cpu(), out.text_mask[i].cpu(),
                                            out.text_logits[i].cpu())
             axes[i, 1].set_xlabel(_wrap(cap, 70), fontsize=6.5)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _wrap(text: str, width: int) -> str:
@@ -110,8 +115,4 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path,
         ax.set_title(k, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..model import M3AE
+from ..visualize import save_figure
 
 
 def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -133,9 +134,4 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
         for a_ in axes[i, :2]:
             a_.set_xticks([])
             a_.set_yticks([])
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..visualize import save_figure
 
 
 # ---------------------------------------------------------------------------- scores
@@ -150,9 +151,4 @@ def plot_roc(result: OODResult, path: str | Path, title: str = "") -> Path:
     ax.set_ylabel("true positive rate (in-dist. accepted)")
     ax.set_title(title or "OOD detection", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from ..visualize import save_figure
 
 
 def save_tsne(named_features: list, path: str | Path, class_names: list[str] | None = None,
@@ -29,9 +30,4 @@ def save_tsne(named_features: list, path: str | Path, class_names: list[str] | N
         handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=c)
                    for i, c in enumerate(names)]
         axes[0, -1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

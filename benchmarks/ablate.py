@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "plain (everything off)": ["--plain"],
     "optimised (everything on)": [],
+    "  masked text logits, unfused cross-entropy": ["--text-logits", "masked"],
     "  without masked text logits": ["--text-logits", "all"],
     "  without caption trimming": ["--no-trim-text"],
     "  foreach AdamW instead of fused": ["--optimizer", "foreach"],
@@ -25,6 +26,8 @@ VARIANTS = {
     "  without keeping freed memory": ["--no-malloc-keep"],
     "  with .item() every step": ["--host-sync"],
     "optimised, bf16 autocast": ["--precision", "bf16"],
+    "  bf16 with bf16 attention kernels": ["--precision", "bf16", "--no-fp32-cpu-attention"],
+    "  bf16 with masked text logits, unfused cross-entropy": ["--precision", "bf16", "--text-logits", "masked"],
 }
 
 

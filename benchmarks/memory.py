@@ -53,7 +53,7 @@ def measure_one(config: str, batch: int, ckpt: bool, device: str, precision: str
         if not reset_rss_peak():
             raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
     with autocast:
-        losses = M3AELoss()(model(**b, text_logits="masked"))
+        losses = M3AELoss()(model(**b, text_logits="fused"))
     losses.total.backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()

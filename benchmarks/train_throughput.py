@@ -70,7 +70,7 @@ def synthetic_batches(cfg, batch: int, n: int, text_len: int, min_len: int, max_
 # ------------------------------------------------------------------------ the step
 @dataclass
 class Switches:
-    text_logits: str = "masked"   # "all": the text head over every position (the plain path)
+    text_logits: str = "fused"    # "all": the head over every position (plain); "masked": only at masked tokens
     trim_text: bool = True        # cut captions to the batch's longest before the model
     optimizer: str = "fused"      # "plain" (per-parameter loop), "foreach", "fused"
     host_sync: bool = False       # read the losses with .item() every step (as a naive loop does)
@@ -80,10 +80,11 @@ class Switches:
     channels_last: bool = False
     fast_ce: bool = True          # losses._ce_and_correct (one log-softmax, amax) vs cross_entropy + argmax
     malloc_keep: bool = True      # glibc: keep freed memory in the process instead of unmapping it
+    fp32_cpu_attention: bool = True  # under CPU autocast, attention in float32 (bf16 kernels are slow)
 
 
 PLAIN = Switches(text_logits="all", trim_text=False, optimizer="plain", host_sync=True, fast_ce=False,
-                 malloc_keep=False)
+                 malloc_keep=False, fp32_cpu_attention=False)
 
 
 def reference_ce_and_correct(logits, targets):
@@ -134,6 +135,9 @@ def make_step(model, criterion, opt, sw: Switches, device):
         m3ae.losses._ce_and_correct = reference_ce_and_correct
     if sw.malloc_keep and device.type == "cpu":
         keep_freed_memory()
+    import m3ae.model
+
+    m3ae.model.FLOAT32_CPU_AUTOCAST_ATTENTION = sw.fp32_cpu_attention
     fwd = torch.compile(loss_fn) if sw.compile else loss_fn
 
     def step(batch):
@@ -284,7 +288,8 @@ def run(args) -> dict:
                               optimizer=args.optimizer, host_sync=args.host_sync,
                               compile=args.compile, grad_checkpointing=args.grad_checkpointing,
                               channels_last=args.channels_last, fast_ce=args.fast_ce,
-                              malloc_keep=args.malloc_keep).items() if v is not None}})
+                              malloc_keep=args.malloc_keep,
+                              fp32_cpu_attention=args.fp32_cpu_attention).items() if v is not None}})
     sw.precision = args.precision
     torch.manual_seed(args.seed)
     batches = synthetic_batches(cfg, batch, args.distinct_batches, text_len, args.min_len,
@@ -411,7 +416,7 @@ def parse_args(argv=None):
                    help="also report MFU against this datasheet peak (H200 dense bf16: 790)")
     p.add_argument("--plain", action="store_true", help="start from the plain path (every optimisation off)")
     # Optimisation switches; unset = the default of --plain or of the optimised path.
-    p.add_argument("--text-logits", choices=("all", "masked"), default=None)
+    p.add_argument("--text-logits", choices=("all", "masked", "fused"), default=None)
     p.add_argument("--trim-text", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--optimizer", choices=("plain", "foreach", "fused"), default=None)
     p.add_argument("--host-sync", action=argparse.BooleanOptionalAction, default=None)
@@ -420,6 +425,7 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--fast-ce", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--malloc-keep", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--fp32-cpu-attention", action=argparse.BooleanOptionalAction, default=None)
     return p.parse_args(argv)
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from m3ae.ops import gather_tokens, no_masking, num_kept, patchify, random_masking, sincos_1d, sincos_2d, unpatchify
+from m3ae.ops import (gather_tokens, linear_cross_entropy, no_masking, num_kept, patchify, random_masking, sincos_1d,
+                     sincos_2d, unpatchify)
 
 
 def test_patchify_order_is_rows_then_y_x_channel():
@@ -101,3 +102,39 @@ def test_no_masking_and_gather():
     x = torch.arange(12.0).reshape(1, 3, 4)
     assert torch.equal(gather_tokens(x, torch.tensor([[2, 0]])), x[:, [2, 0]])
     assert math.isclose(float(sincos_1d(4, 1)[0, 2]), 1.0)
+
+
+@pytest.mark.parametrize("block_elements", [2 ** 24, 7 * 50])  # one block; blocks of 7 rows
+def test_linear_cross_entropy_matches_linear_and_cross_entropy(block_elements):
+    g = torch.Generator().manual_seed(0)
+    n, d, v = 23, 16, 50
+    h = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(v, d, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    with torch.no_grad():  # make a few rows hits so the top-1 flag is tested both ways
+        t[:4] = torch.nn.functional.linear(h[:4], w, b).argmax(-1)
+    rw = torch.rand(n, generator=g, dtype=torch.float64)
+    total, nll, hit = linear_cross_entropy(h, w, b, t, rw, block_elements=block_elements)
+    (total * 3.0).backward()  # a non-unit incoming gradient
+    fused_grads = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    logits = torch.nn.functional.linear(h, w, b)
+    ref_nll = torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    ((ref_nll * rw).sum() * 3.0).backward()
+    torch.testing.assert_close(nll, ref_nll.detach())
+    torch.testing.assert_close(total, (ref_nll * rw).sum(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(hit, (logits.argmax(-1) == t).float()) and hit[:4].all() and hit.sum() < n
+    assert not nll.requires_grad and not hit.requires_grad
+    for got, x in zip(fused_grads, (h, w, b)):
+        torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_without_rows_gives_zero():
+    h = torch.zeros(0, 8, requires_grad=True)
+    lin = torch.nn.Linear(8, 30)
+    total, nll, hit = linear_cross_entropy(h, lin.weight, lin.bias, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    total.backward()
+    assert total.item() == 0 and nll.shape == hit.shape == (0,)
+    assert lin.weight.grad.abs().sum() == 0 and lin.bias.grad.abs().sum() == 0

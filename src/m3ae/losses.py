@@ -71,6 +71,12 @@ def _ce_and_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
 
 def text_loss_and_accuracy(out: M3AEOutput, denom=None) -> tuple[torch.Tensor, torch.Tensor]:
     mask = out.text_mask
+    if out.text_token_loss is not None:  # the forward fused the head and the cross-entropy
+        tl = out.text_token_loss
+        if denom is None:
+            denom = mask.any(1).sum().clamp_min(1)
+        hit = tl.hit.new_zeros(mask.shape).masked_scatter(mask, tl.hit)
+        return tl.per_sample_sum / denom, _per_sample_mean(hit, mask, denom)
     logits = out.text_logits.float()
     if logits.dim() == 2:  # logits were computed only at the masked positions
         b, t = mask.shape
@@ -95,7 +101,7 @@ class M3AELoss(nn.Module):
         """``image_denom`` / ``text_denom``: see :func:`_per_sample_mean` (None: this batch's count)."""
         zero = out.latent.new_zeros((), dtype=torch.float32)
         img = image_loss(out, self.norm_pix_loss, image_denom) if out.image_pred is not None else zero
-        if out.text_logits is not None:
+        if out.text_logits is not None or out.text_token_loss is not None:
             txt, acc = text_loss_and_accuracy(out, text_denom)
         else:
             txt, acc = zero, zero

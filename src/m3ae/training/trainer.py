@@ -111,7 +111,7 @@ class _TrainStep(nn.Module):
     def forward(self, image, text, text_padding_mask, image_valid, image_noise, text_noise,
                 image_denom, text_denom) -> LossOutput:
         out = self.model(image, text, text_padding_mask, image_valid, image_noise=image_noise,
-                         text_noise=text_noise, text_logits="masked")
+                         text_noise=text_noise, text_logits="fused")
         losses = self.criterion(out, image_denom, text_denom)
         anchor = sum(p.reshape(-1)[:1].sum() for n, p in self.model.named_parameters()
                      if not n.startswith(("encoder.blocks.", "decoder.blocks.")))

@@ -17,17 +17,17 @@ HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "plain (everything off)": ["--plain"],
     "optimised (everything on)": [],
-    "  masked text logits, unfused cross-entropy": ["--text-logits", "masked"],
-    "  without masked text logits": ["--text-logits", "all"],
+    "  masked text logits + one-pass CE instead of the fused head": ["--text-logits", "masked"],
+    "  masked text logits + cross_entropy/argmax": ["--text-logits", "masked", "--no-fast-ce"],
+    "  text head at every position": ["--text-logits", "all"],
     "  without caption trimming": ["--no-trim-text"],
     "  foreach AdamW instead of fused": ["--optimizer", "foreach"],
     "  per-parameter AdamW instead of fused": ["--optimizer", "plain"],
-    "  cross_entropy + argmax instead of fast CE": ["--no-fast-ce"],
     "  without keeping freed memory": ["--no-malloc-keep"],
     "  with .item() every step": ["--host-sync"],
     "optimised, bf16 autocast": ["--precision", "bf16"],
     "  bf16 with bf16 attention kernels": ["--precision", "bf16", "--no-fp32-cpu-attention"],
-    "  bf16 with masked text logits, unfused cross-entropy": ["--precision", "bf16", "--text-logits", "masked"],
+    "  bf16 with masked text logits + one-pass CE": ["--precision", "bf16", "--text-logits", "masked"],
 }
 
 

@@ -81,6 +81,7 @@ class Switches:
     fast_ce: bool = True          # losses._ce_and_correct (one log-softmax, amax) vs cross_entropy + argmax
     malloc_keep: bool = True      # glibc: keep freed memory in the process instead of unmapping it
     fp32_cpu_attention: bool = True  # under CPU autocast, attention in float32 (bf16 kernels are slow)
+    clip_in_optimizer: bool = False  # fused AdamW divides by the clip factor (grad_scale) instead of a multiply pass
 
 
 PLAIN = Switches(text_logits="all", trim_text=False, optimizer="plain", host_sync=True, fast_ce=False,
@@ -151,7 +152,12 @@ def make_step(model, criterion, opt, sw: Switches, device):
         losses = fwd(inputs)
         opt.zero_grad(set_to_none=True)
         losses.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=sw.optimizer != "plain")
+        if sw.clip_in_optimizer:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            opt.grad_scale = (norm / 1.0).clamp_min(1.0)  # fused AdamW divides the gradients by it
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=sw.optimizer != "plain")
         opt.step()
         if sw.host_sync:
             return {k: v.item() for k, v in losses._asdict().items()}
@@ -289,7 +295,8 @@ def run(args) -> dict:
                               compile=args.compile, grad_checkpointing=args.grad_checkpointing,
                               channels_last=args.channels_last, fast_ce=args.fast_ce,
                               malloc_keep=args.malloc_keep,
-                              fp32_cpu_attention=args.fp32_cpu_attention).items() if v is not None}})
+                              fp32_cpu_attention=args.fp32_cpu_attention,
+                              clip_in_optimizer=args.clip_in_optimizer).items() if v is not None}})
     sw.precision = args.precision
     torch.manual_seed(args.seed)
     batches = synthetic_batches(cfg, batch, args.distinct_batches, text_len, args.min_len,
@@ -426,6 +433,8 @@ def parse_args(argv=None):
     p.add_argument("--fast-ce", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--malloc-keep", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--fp32-cpu-attention", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--clip-in-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="fused AdamW only: clip through its grad_scale (measured, not used by the trainer)")
     return p.parse_args(argv)
 
 

@@ -259,3 +259,29 @@ def test_benchmark_script_runs_and_reports_consistent_numbers(tmp_path):
     # masked logits + trimming execute fewer FLOPs than the plain path
     assert 0 < r["flops_per_sample"] < r["plain_flops_per_sample"]
     assert all(torch.isfinite(torch.tensor(v)) for v in saved["last_losses"].values())
+
+
+def test_clipping_through_fused_adamw_grad_scale_matches_clip_grad_norm():
+    """The benchmark's --clip-in-optimizer (measured in RESULTS.md, not used by the trainer)."""
+    bench = _load_bench()
+    cfg = model_config("tiny", vocab_size=2000, max_text_len=16)
+    batch = bench.synthetic_batches(cfg, 4, 1, 16, 3, 16, torch.device("cpu"))[0]
+    runs = []
+    for clip_in_opt in (False, True):
+        torch.manual_seed(0)
+        sw = bench.Switches(clip_in_optimizer=clip_in_opt, malloc_keep=False)
+        model, crit, opt = bench.build(cfg, sw, torch.device("cpu"), lr=1e-3)
+        if not clip_in_opt:  # the raw gradient norm is above the clip threshold of 1
+            rng = torch.get_rng_state()
+            inputs = {k: v for k, v in batch.items() if k != "longest"}
+            crit(model(**inputs, text_logits="fused")).total.backward()
+            assert torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) > 2.0
+            torch.set_rng_state(rng)  # the step below draws the same masks in both runs
+        bench.make_step(model, crit, opt, sw, torch.device("cpu"))(batch)
+        # fused AdamW writes the divided gradients back, so both runs hold clipped gradients
+        runs.append({n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()})
+    clipped = torch.nn.utils.get_total_norm([g for _, g in runs[0].values()])
+    torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-5, atol=0)
+    for n in runs[0]:
+        torch.testing.assert_close(runs[1][n][1], runs[0][n][1], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(runs[1][n][0], runs[0][n][0], rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Small tensor helpers shared by every path: patchify, sin-cos tables, masking, gather.
+"""Small tensor helpers shared by every path: patchify, sin-cos tables, masking, gather,
+and the fused text head + cross-entropy.
 
 Each idea lives here once; the model, the losses, the visualisations and the checkpoint
 converters all call these functions rather than re-deriving the layouts.

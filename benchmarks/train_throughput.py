@@ -84,6 +84,8 @@ class Switches:
     clip_in_optimizer: bool = False  # fused AdamW divides by the clip factor (grad_scale) instead of a multiply pass
 
 
+MAX_GRAD_NORM = 1.0  # gradient clipping, as the trainer's default train.grad_clip
+
 PLAIN = Switches(text_logits="all", trim_text=False, optimizer="plain", host_sync=True, fast_ce=False,
                  malloc_keep=False, fp32_cpu_attention=False)
 
@@ -132,6 +134,9 @@ def make_step(model, criterion, opt, sw: Switches, device):
 
     import m3ae.losses
 
+    if sw.clip_in_optimizer and sw.optimizer != "fused":
+        raise ValueError("--clip-in-optimizer needs --optimizer fused (only the fused AdamW kernel "
+                         "takes a gradient scale)")
     if not sw.fast_ce:
         m3ae.losses._ce_and_correct = reference_ce_and_correct
     if sw.malloc_keep and device.type == "cpu":
@@ -155,9 +160,9 @@ def make_step(model, criterion, opt, sw: Switches, device):
         if sw.clip_in_optimizer:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            opt.grad_scale = (norm / 1.0).clamp_min(1.0)  # fused AdamW divides the gradients by it
+            opt.grad_scale = (norm / MAX_GRAD_NORM).clamp_min(1.0)  # fused AdamW divides the gradients by it
         else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=sw.optimizer != "plain")
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM, foreach=sw.optimizer != "plain")
         opt.step()
         if sw.host_sync:
             return {k: v.item() for k, v in losses._asdict().items()}
@@ -435,7 +440,10 @@ def parse_args(argv=None):
     p.add_argument("--fp32-cpu-attention", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--clip-in-optimizer", action=argparse.BooleanOptionalAction, default=None,
                    help="fused AdamW only: clip through its grad_scale (measured, not used by the trainer)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.clip_in_optimizer and (args.optimizer or ("plain" if args.plain else "fused")) != "fused":
+        p.error("--clip-in-optimizer needs the fused AdamW (--optimizer fused)")
+    return args
 
 
 def main(argv=None) -> dict:

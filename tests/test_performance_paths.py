@@ -261,6 +261,15 @@ def test_benchmark_script_runs_and_reports_consistent_numbers(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in saved["last_losses"].values())
 
 
+def test_clip_in_optimizer_without_fused_adamw_is_a_usage_error(capsys):
+    bench = _load_bench()
+    for extra in (["--optimizer", "foreach"], ["--plain"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--clip-in-optimizer", *extra])
+        assert "needs the fused AdamW" in capsys.readouterr().err
+    assert bench.parse_args(["--clip-in-optimizer"]).clip_in_optimizer
+
+
 def test_clipping_through_fused_adamw_grad_scale_matches_clip_grad_norm():
     """The benchmark's --clip-in-optimizer (measured in RESULTS.md, not used by the trainer)."""
     bench = _load_bench()

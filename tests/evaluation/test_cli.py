@@ -53,7 +53,7 @@ def test_linear_probe_command_caches_features(tiny_model_dir, tmp_path, capsys):
             "--epochs", "10", "--cache-dir", str(cache), "--out", str(tmp_path / "probe"), *Q]
     assert main(args) == 0
     res = json.loads((tmp_path / "probe" / "results.json").read_text())
-    assert res["num_train"] == 120 and res["num_eval"] == 60 and res["num_classes"] == 5
+    assert res["num_train"] == 120 and res["num_eval"] == 60 and res["num_classes"] == len(ShapesDataset.class_names)
     assert 0 <= res["top1"] <= res["top5"] <= 1 and 0 <= res["knn_top1"] <= 1
     assert len(list(cache.glob("*.safetensors"))) == 2
     # A second run reads the cache and reproduces the numbers.

@@ -39,7 +39,7 @@ from .visualize import reconstruction_images, save_figure, save_reconstruction_g
 DEMO_OVERRIDES = [
     "train.steps=1500", "data.text_len=24", "train.batch_size=64", "train.lr=2e-3", "train.warmup_steps=100",
     "train.log_every=25", "train.ckpt_every=100", "train.recon_every=500", "train.weight_decay=0.05",
-    "train.keep_last=2", "model.text_mask_ratio=0.5",
+    "train.keep_last=2", "train.grad_clip=1.0",
     # Positions are part of the captions, so keep crops mild; flips also swap left/right words.
     "data.crop_scale=[0.85,1.0]", "data.synthetic_size=100000",
 ]

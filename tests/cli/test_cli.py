@@ -62,7 +62,8 @@ def test_tokenizer_train_and_encode(tmp_path):
 
 
 def test_demo_writes_its_outputs(tmp_path):
-    p = m3ae("demo", "--out", tmp_path / "demo", "--no-progress", "--eval-samples", "20", "train.steps=2",
+    p = m3ae("demo", "--out", tmp_path / "demo", "--no-progress", "--eval-samples", "20", "--probe-samples", "40",
+             "train.steps=2",
              "train.recon_every=0", *SMALL)
     assert "colour words:" in p.stdout and "try next" in p.stdout
     for name in ("summary.md", "summary.json", "reconstructions.png", "cross_modal.png", "loss_curve.png",

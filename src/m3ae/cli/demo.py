@@ -12,6 +12,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.steps=300")
     p.add_argument("--eval-samples", type=int, default=1000, help="held-out samples for words and pictures")
+    p.add_argument("--probe-samples", type=int, default=2000,
+                   help="training images of the linear probe (half as many are held out)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=run)
@@ -24,7 +26,8 @@ def run(args) -> int:
     from ..training.checkpoint import list_checkpoints
 
     try:
-        run_demo(args.out, args.overrides, args.eval_samples, progress=not args.no_progress)
+        run_demo(args.out, args.overrides, args.eval_samples, progress=not args.no_progress,
+                 probe_sizes=(args.probe_samples, max(args.probe_samples // 2, 2)))
     except KeyboardInterrupt:
         out = Path(args.out)
         ckpts = list_checkpoints(out) if out.is_dir() else []

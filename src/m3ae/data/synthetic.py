@@ -5,7 +5,7 @@ downloads and is the same on every machine; different seeds give disjoint-in-pra
 splits (the demo trains on seed 0 and evaluates on seed 1). Each image holds one or two
 large shapes (four kinds, six colours) in the quadrants of a textured background; the
 caption names each shape's colour, kind and quadrant, in reading order, in one of a few
-templates. Shapes are large relative to a 4-pixel patch (a shape touches about seven of
+templates. Shapes are large relative to a 4-pixel patch (a shape touches about nine of
 the 64 patches of a 32-pixel image): a 75 % image mask usually leaves part of a shape
 visible (its colour words can be read from the pixels) and sometimes hides all of it (then
 only the caption can say what was there).
@@ -29,7 +29,7 @@ COLOURS = {
     "red": (225, 35, 35), "green": (40, 185, 60), "blue": (45, 85, 240), "yellow": (245, 225, 40),
     "white": (245, 245, 245), "pink": (250, 120, 210),
 }
-RADIUS = 0.17  # of the image side; a shape's quadrant is half the side across
+RADIUS = 0.2  # of the image side; a shape's quadrant is half the side across
 ROWS = ["top", "bottom"]
 COLS = ["left", "right"]
 TEMPLATES = [

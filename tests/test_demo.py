@@ -57,7 +57,9 @@ def test_every_number_of_the_summary_comes_from_summary_json(finished):
     assert f"{demo.pct(w['no_image']['shape'])} with the image removed" in md
     assert f"1 in 6 = {demo.pct(w['chance']['colour'])}" in md and w["chance"]["shape"] == 0.25
     assert f"caption's colour {demo.pct(r['fully_hidden']['caption'])}" in md
-    assert f"| {demo.pct(p['trained'])} | {demo.pct(p['random_init'])} | {demo.pct(p['pixels'])} |" in md
+    for task, q in ((t, p[t]) for t in demo.PROBE_TASKS):
+        assert f"| {task} ({q['classes']} classes) | {demo.pct(q['trained'])} | {demo.pct(q['random_init'])} | " \
+               f"{demo.pct(q['pixels'])} | {demo.pct(q['chance'])} |" in md
     assert f"for {s['training']['steps']} steps" in md and s["training"]["steps"] == 4
     assert s["training"]["sessions"] == 1 and s["training"]["seconds"] > 0
     assert (out / "cross_modal.png").is_file() and (out / "reconstructions.png").is_file()
@@ -67,7 +69,7 @@ def test_every_number_of_the_summary_comes_from_summary_json(finished):
 
 def test_wording_follows_the_numbers():
     s = {"training": dict(steps=1, batch_size=1, seconds=60, threads=2, sessions=1, final_loss=1.0),
-         "model": dict(parameters=10**6, image_mask_ratio=0.75, text_mask_ratio=0.75),
+         "model": dict(parameters=10**6, image_mask_ratio=0.5, text_mask_ratio=0.5, quarter_mask_fraction=0.25),
          "words": {"samples": 10, "count": {"colour": 5, "shape": 5, "all": 20},
                    "chance": {"colour": 1 / 6, "shape": 0.25},
                    "image": {"colour": 0.9, "shape": 0.4, "all": 0.8},
@@ -75,14 +77,20 @@ def test_wording_follows_the_numbers():
                    "no_image": {"colour": 0.01, "shape": 0.26, "all": 0.5}},
          "reconstruction": {"partly_hidden": {"caption": 0.9, "no_caption": 0.8, "n": 10},
                             "fully_hidden": {"caption": 0.7, "swapped": 0.6, "no_caption": 0.1, "n": 5}},
-         "probe": dict(trained=0.5, random_init=0.6, pixels=0.3, chance=0.25, classes=4, n_train=10, n_test=5)}
+         "probe": {"colour": dict(trained=0.95, random_init=0.8, pixels=0.96, chance=1 / 6, classes=6),
+                   "shape": dict(trained=0.5, random_init=0.6, pixels=0.3, chance=0.25, classes=4),
+                   "n_train": 10, "n_test": 5}}
     md = demo.render_summary(s)
+    assert "in 25% of each batch the hidden patches include one whole quarter of the image" in md
     assert "90.0 % with the image (far above chance" in md and "1.0 % with the image removed (below chance)" in md
     assert "40.0 % with the image (above chance" in md and "26.0 % with the image removed (near chance)" in md
-    assert "10.0 points below its initialisation and 20.0 points above raw pixels" in md
+    assert "- shape: the trained encoder is 10.0 points below its initialisation and 20.0 points above raw pixels" in md
+    assert "- colour: the trained encoder is 15.0 points above its initialisation and level with raw pixels" in md
+    assert "| colour (6 classes) | 95.0 % | 80.0 % | 96.0 % | 16.7 % |" in md
     t = copy.deepcopy(s)
-    t["probe"]["trained"] = 0.605
-    assert "level with its initialisation" in demo.render_summary(t)
+    t["probe"]["shape"]["trained"] = 0.605
+    t["model"]["quarter_mask_fraction"] = 0.0
+    assert "level with its initialisation" in demo.render_summary(t) and "quarter" not in demo.render_summary(t)
 
 
 @pytest.mark.slow

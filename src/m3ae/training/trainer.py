@@ -37,7 +37,7 @@ from ..config import Config
 from ..data import build_pretrain_loader, build_text_encoder, model_inputs
 from ..losses import LossOutput, M3AELoss, loss_sample_counts
 from ..model import M3AE
-from ..ops import trim_text_padding
+from ..ops import hide_a_quarter_first, trim_text_padding
 from ..visualize import plot_loss_curve, save_reconstruction_grid
 from .checkpoint import WeightsView, load_trainer_state, resolve_resume, save_checkpoint
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed,
@@ -119,13 +119,17 @@ class _TrainStep(nn.Module):
 
 
 def masking_noise(seed: int, micro_step: int, stream: int, rows: int, length: int, info: DistInfo,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, quarter_fraction: float = 0.0) -> torch.Tensor:
     """This process's rows of the global batch's masking noise (see the module docstring).
 
-    Rank ``r`` holds global rows ``r, r + W, r + 2W, ...`` (the sampler's striding)."""
+    Rank ``r`` holds global rows ``r, r + W, r + 2W, ...`` (the sampler's striding).
+    ``quarter_fraction`` > 0 (image noise): that fraction of the global batch hides a whole
+    quarter of the image first (:func:`m3ae.ops.hide_a_quarter_first`)."""
     g = torch.Generator(device=device).manual_seed(
         (seed * 1_000_003 + micro_step * 2 + stream) % (2**63 - 1))
     full = torch.rand(rows * info.world_size, length, generator=g, device=device)
+    if quarter_fraction > 0:
+        full = hide_a_quarter_first(full, round(quarter_fraction * full.shape[0]))
     return full[info.rank::info.world_size]
 
 
@@ -326,7 +330,8 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                 inputs = model_inputs(batch, device)
                 rows = next(t.shape[0] for t in inputs.values() if t is not None)
                 m = step * A + k
-                img_noise = (masking_noise(tcfg.seed, m, 0, rows, mcfg.num_patches, info, device)
+                img_noise = (masking_noise(tcfg.seed, m, 0, rows, mcfg.num_patches, info, device,
+                                           tcfg.quarter_mask_fraction)
                              if inputs["image"] is not None else None)
                 # Noise for the untrimmed length, then sliced: a token's noise does not depend on
                 # how long the other captions of its batch (or of another rank's batch) are.

@@ -26,6 +26,7 @@ from ..data import model_inputs
 from ..model import M3AE
 from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
 from ..tokenizer import TextEncoder, load_tokenizer
+from ..training.distributed import resolve_device  # noqa: F401 (re-exported for the CLI)
 
 MODALITIES = ("image", "text", "both")
 POOLS = ("cls", "mean")
@@ -89,12 +90,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     elif need_tokenizer:
         raise FileNotFoundError(f"{directory} has no {TOKENIZER_NAME}; text inputs need the model's tokenizer")
     return model, text_encoder
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> torch.Tensor:

@@ -117,15 +117,58 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, tokenizer=None
     return final
 
 
+def existing_run(run_dir: Path) -> str | None:
+    """What in ``run_dir`` shows that a run already wrote there (checkpoints, ``final/``,
+    metrics), or None for a new or empty folder. A folder holding only ``config.yaml`` and
+    ``version.json`` (a run that stopped before its first step) does not count."""
+    run_dir = Path(run_dir)
+    found = list_checkpoints(run_dir)
+    if found:
+        return f"{len(found)} checkpoint(s) up to {found[-1].name}"
+    if (run_dir / "final" / WEIGHTS_NAME).is_file():
+        return "a finished model in final/"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return "metrics.jsonl"
+    return None
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """Raise unless ``run_dir`` is free for a new run (see :func:`existing_run`)."""
+    what = existing_run(run_dir)
+    if what:
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({what}). Continue it with --resume latest, start a new "
+            f"run with another --out, or pass --overwrite to delete it and start again")
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete what a previous run wrote into ``run_dir`` (``--overwrite``); other files stay."""
+    run_dir = Path(run_dir)
+    for name in ("checkpoints", "final", "reconstructions", "tensorboard"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "loss_curve.png"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def resolve_resume(resume: str, run_dir: Path) -> Path | None:
     """'latest' -> newest complete checkpoint of the run (None if there is none); else a path."""
     if resume == "latest":
         found = list_checkpoints(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / STATE_NAME).is_file():
-        raise FileNotFoundError(f"--resume {resume}: no {STATE_NAME} in that folder")
-    return path
+    if (path / STATE_NAME).is_file():
+        return path
+    hint = f"; the run's checkpoints are in {checkpoint_dir(run_dir)}/step_N, or use --resume latest"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such folder{hint}")
+    if path.is_dir() and list_checkpoints(path):  # a run folder given instead of a checkpoint
+        raise FileNotFoundError(f"--resume {resume} is a run folder, not a checkpoint: use "
+                                f"--resume {list_checkpoints(path)[-1]}, or --out {resume} --resume latest")
+    if path.is_dir() and (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"--resume {resume} holds weights but no {STATE_NAME} (optimizer, step, "
+                                f"data position), e.g. RUN/final; training resumes from a checkpoint{hint}")
+    raise FileNotFoundError(f"--resume {resume}: no {STATE_NAME} in that folder{hint}")
 
 
 def load_trainer_state(path: Path) -> dict:

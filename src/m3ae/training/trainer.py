@@ -34,22 +34,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import build_pretrain_loader, build_text_encoder, model_inputs
+from ..data import build_dataset, build_pretrain_loader, build_text_encoder, model_inputs
 from ..losses import LossOutput, M3AELoss, loss_sample_counts
 from ..model import M3AE
 from ..ops import trim_text_padding
+from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
-from .checkpoint import WeightsView, load_trainer_state, resolve_resume, save_checkpoint
+from .checkpoint import (WeightsView, clear_run, load_trainer_state, refuse_existing_run, resolve_resume,
+                         save_checkpoint)
 from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed,
-                          shutdown_distributed, wrap_model)
+                          resolve_device, shutdown_distributed, wrap_model)
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
 from .optim import build_optimizer, build_scheduler
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TrainingDiverged(RuntimeError):
@@ -169,59 +166,88 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 
 
 def _resume_target(resume: str | None, run_dir: Path, info: DistInfo) -> Path | None:
-    # torchrun --max-restarts restarts dead workers with the same arguments; continuing from
-    # the newest checkpoint is the only sensible thing for a restarted worker to do.
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "latest"
     if not resume:
         return None
     ckpt = resolve_resume(resume, run_dir) if info.is_main else None
     found = broadcast_object(None if ckpt is None else str(ckpt), info)
+    if found is None and info.is_main:
+        tqdm.write(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'} yet; starting a new run "
+                   "at step 0")
     return None if found is None else Path(found)
 
 
+def _check_run_folder(run_dir: Path, resume: str | None, overwrite: bool, info: DistInfo) -> None:
+    """A new run must not write into an old one: its checkpoints and metrics would mix."""
+    problem = None
+    if info.is_main and not resume and not overwrite:
+        try:
+            refuse_existing_run(run_dir)
+        except FileExistsError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise FileExistsError(problem)
+
+
+def _vocab_note(cfg: Config, text_encoder) -> str | None:
+    """A note when the model has more token ids than the tokenizer (they are never used)."""
+    n, v = text_encoder.vocab_size, cfg.model.vocab_size
+    if n >= v or n <= len(SPECIAL_TOKENS) or (cfg.data.source == "synthetic" and not cfg.data.tokenizer):
+        return None  # equal, image-only (no text), or the built-in data's deliberately small vocabulary
+    return (f"note: model.vocab_size={v} but the tokenizer has {n} tokens: ids {n}..{v - 1} are never "
+            f"used (wasted rows in the text embedding and head); model.vocab_size={n} fits exactly")
+
+
 def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
-             max_steps: int | None = None) -> PretrainResult:
+             max_steps: int | None = None, overwrite: bool = False) -> PretrainResult:
     """Pre-train an M3AE as ``cfg`` says, writing everything into ``run_dir``.
 
-    ``resume`` is ``"latest"`` or a checkpoint folder. ``max_steps`` stops early (the LR
-    schedule still follows ``cfg.train.steps``), which the tests use to interrupt a run.
-    Started by ``torchrun`` or ``srun`` this process becomes one rank of a data-parallel run.
+    ``resume`` is ``"latest"`` (continue the newest checkpoint, or start when there is none)
+    or a checkpoint folder. Without it, a ``run_dir`` that already holds a run is refused
+    (``FileExistsError``) unless ``overwrite`` deletes that run first. ``max_steps`` stops
+    early (the LR schedule still follows ``cfg.train.steps``), which the tests use to
+    interrupt a run. Ctrl-C finishes the step, writes a checkpoint and raises
+    :class:`TrainingInterrupted`. Started by ``torchrun`` or ``srun`` this process becomes
+    one rank of a data-parallel run.
     """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run or replace it")
+    # torchrun --max-restarts restarts dead workers with the same arguments; continuing from
+    # the newest checkpoint is the only sensible thing for a restarted worker to do.
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume, overwrite = "latest", False
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(cfg.train.device)
     try:
-        return _pretrain(cfg, Path(run_dir), resume, progress, max_steps, info)
+        return _pretrain(cfg, Path(run_dir), resume, progress, max_steps, info, overwrite)
     finally:
         if owns_group:
             shutdown_distributed()
 
 
 def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, max_steps: int | None,
-              info: DistInfo) -> PretrainResult:
+              info: DistInfo, overwrite: bool = False) -> PretrainResult:
     from .. import __version__
 
     tcfg, device, world = cfg.train, info.device, info.world_size
     main = info.is_main
     autocast = _precision_context(tcfg.precision, device)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+    # Everything is checked before anything is written (a run that cannot start leaves no
+    # folder behind), and the data first: a wrong path is the first thing to report.
+    _check_run_folder(run_dir, resume, overwrite, info)
+    ckpt = _resume_target(resume, run_dir, info)
+    dataset = build_dataset(cfg.data, cfg.model.image_size, train=True, seed=tcfg.seed, rank=info.rank,
+                            world_size=world, batch_size=tcfg.batch_size)
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP2 relies on it)
 
-    ckpt = _resume_target(resume, run_dir, info)
     text_encoder = _shared_text_encoder(cfg, info, ckpt)
     if text_encoder.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {text_encoder.vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; set model.vocab_size={text_encoder.vocab_size} or more")
+    if main and _vocab_note(cfg, text_encoder):
+        tqdm.write(_vocab_note(cfg, text_encoder))
     if cfg.data.text_len > cfg.model.max_text_len:
         raise ValueError(f"data.text_len={cfg.data.text_len} exceeds model.max_text_len={cfg.model.max_text_len}")
-    if main:
-        cfg.save(run_dir / "config.yaml")
-        (run_dir / "version.json").write_text(json.dumps({
-            "m3ae": __version__, "torch": torch.__version__, "git": _git_commit(), "world_size": world,
-            "global_batch": tcfg.global_batch(world), "peak_lr": tcfg.lr_for(world),
-            "strategy": tcfg.strategy if world > 1 else "single"}, indent=2))
 
     model = M3AE(cfg.model).to(device)
     model.set_grad_checkpointing(tcfg.grad_checkpointing)
@@ -248,8 +274,18 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
     step_fn = torch.compile(train_step) if tcfg.compile else train_step
 
     loader = build_pretrain_loader(cfg.data, cfg.model.image_size, text_encoder, tcfg.batch_size,
-                                   seed=tcfg.seed, rank=info.rank, world_size=world)
+                                   seed=tcfg.seed, rank=info.rank, world_size=world, dataset=dataset)
     stream = _BatchStream(loader)
+    if main:
+        if overwrite:
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        (run_dir / "version.json").write_text(json.dumps({
+            "m3ae": __version__, "torch": torch.__version__, "git": _git_commit(), "world_size": world,
+            "global_batch": tcfg.global_batch(world), "peak_lr": tcfg.lr_for(world),
+            "strategy": tcfg.strategy if world > 1 else "single"}, indent=2))
+    barrier(info)
 
     start_step, skipped = 0, 0
     if st is not None:
@@ -297,6 +333,8 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
     params = [p for p in train_step.parameters() if p.requires_grad]
     t_last, n_last = time.perf_counter(), 0
     train_step.train()
+    saved_at = start_step
+    interrupt = StopOnInterrupt().start()  # Ctrl-C: finish the step, save, then stop
     try:
         for step in bar:
             micro = [next(stream) for _ in range(A)]
@@ -402,9 +440,16 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
             if (tcfg.ckpt_every and done % tcfg.ckpt_every == 0) or done == end_step:
                 path = _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
                              skipped, cfg, text_encoder, info, fsdp)
+                saved_at = done
                 if bad_run == 0:  # "good": written before a streak of non-finite steps began
                     last_ckpt = path or last_ckpt
+            if interrupt.requested(info):
+                if saved_at != done:
+                    _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
+                                 skipped, cfg, text_encoder, info, fsdp)
+                raise TrainingInterrupted(done, run_dir / "checkpoints" / f"step_{done:08d}", run_dir)
     finally:
+        interrupt.stop()
         bar.close()
         logger.close()
 
@@ -481,4 +526,4 @@ def _git_commit() -> str | None:
         return None
 
 
-__all__ = ["pretrain", "PretrainResult", "resolve_device", "TrainingDiverged", "masking_noise"]
+__all__ = ["pretrain", "PretrainResult", "resolve_device", "TrainingDiverged", "TrainingInterrupted", "masking_noise"]

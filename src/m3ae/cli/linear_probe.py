@@ -45,9 +45,8 @@ def features_for(args, spec: str, limit, desc: str):
 def run(args) -> int:
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from ..evaluation.linear_probe import linear_probe
+    from ..pretrained import save_safetensors
 
     train = features_for(args, args.train, args.limit_train, "train features")
     val = features_for(args, args.val, args.limit_val, "val features")
@@ -59,6 +58,6 @@ def run(args) -> int:
     if args.out:
         write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "train": args.train,
                                                  "val": args.val, "pool": args.pool, "block": args.block})
-        save_file(res.probe.state_dict(), str(Path(args.out) / "probe.safetensors"))
+        save_safetensors(res.probe.state_dict(), Path(args.out) / "probe.safetensors")
         print(f"wrote {Path(args.out) / 'results.json'}")
     return 0

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as load_np, save_file as save_np
+from safetensors.numpy import load_file as load_np
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
 from ..model import M3AE
-from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
+from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME, save_safetensors
 from ..tokenizer import TextEncoder, load_tokenizer
 from ..training.distributed import resolve_device  # noqa: F401 (re-exported for the CLI)
 
@@ -49,8 +49,8 @@ class Features:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"keys": self.keys, "class_names": self.class_names}
         if path.suffix == ".safetensors":
-            save_np({"features": self.features, "labels": self.labels}, str(path),
-                    metadata={"m3ae": json.dumps(meta)})
+            save_safetensors({"features": self.features, "labels": self.labels}, path,
+                             metadata={"m3ae": json.dumps(meta)})
         elif path.suffix == ".npy":
             np.save(path, self.features)
             np.save(path.with_name(path.stem + ".labels.npy"), self.labels)
@@ -184,7 +184,5 @@ def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, t
         model, text_encoder = load_model(model_dir, device, need_tokenizer=modality != "image")
     loader = make_loader(data, text_encoder if modality != "image" else None, batch_size)
     feats = extract_features(model, loader, modality, pool, block, progress, data.class_names, desc)
-    tmp = path.with_name(path.stem + ".tmp.safetensors")
-    feats.save(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written cache entry
+    feats.save(path)  # atomic: a crash never leaves a half-written cache entry
     return feats

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
 from ..model import M3AE
+from ..pretrained import save_safetensors
 from .features import pool_tokens
 
 
@@ -47,7 +48,7 @@ class Classifier(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.startswith(("model.decoder", "model.image_head", "model.text_head"))}
-        save_file(state, str(directory / "classifier.safetensors"))
+        save_safetensors(state, directory / "classifier.safetensors")
         (directory / "classifier.json").write_text(json.dumps(
             {"model": asdict(self.model.config), "num_classes": self.head.out_features, "pool": self.pool,
              "class_names": self.class_names}, indent=2))

@@ -112,12 +112,13 @@ def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: f
 @dataclass
 class FinetuneResult:
     top1: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer (it would be 100%)
     history: list = field(default_factory=list)
     classifier: Classifier = field(default=None, repr=False)
+    chance: float | None = None
 
     def as_dict(self) -> dict:
-        return {"top1": self.top1, "top5": self.top5, "history": self.history}
+        return {"top1": self.top1, "top5": self.top5, "chance": self.chance, "history": self.history}
 
 
 def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_blocks: int | None = None,
@@ -170,5 +171,5 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
         logits, labels = clf.predict_logits_loader(val_loader)
         acc = topk_accuracy(logits, labels)
         history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), **acc})
-    last = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
-    return FinetuneResult(last["top1"], last["top5"], history, clf.eval())
+    last = history[-1] if history else {"top1": float("nan")}
+    return FinetuneResult(last["top1"], last.get("top5"), history, clf.eval(), 1.0 / num_classes)

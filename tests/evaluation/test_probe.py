@@ -25,7 +25,7 @@ def test_topk_accuracy_by_hand():
 def test_probe_separable_features_reach_high_accuracy():
     res = linear_probe(_clusters(400), _clusters(200, seed=1), epochs=30, batch_size=64)
     assert res.top1 > 0.97 and res.knn_top1 > 0.97
-    assert res.top5 == 1.0 and res.num_classes == 4 and res.chance == 0.25
+    assert res.top5 is None and res.num_classes == 4 and res.chance == 0.25  # top-5 of 4 classes: left out
 
 
 def test_probe_random_labels_stay_near_chance():

@@ -76,6 +76,8 @@ def test_counters_of_ranks_add_up():
     total = SkipCounter.merged([a.state_dict(), b.state_dict()], "x")
     assert total.seen == 17 and dict(total.skipped) == {"bad_image": 2, "missing_file": 1}
     assert total.examples["bad_image"] == ["k1", "k3"] and dict(total.shards) == {"corrupt_shard": 1}
+    a.add([("skip", "bad_image", "k1")], seen=1)  # the same file again, in the next epoch
+    assert a.examples["bad_image"] == ["k1"] and a.skipped["bad_image"] == 2
     # A checkpoint of an earlier version kept one example key per reason, as a string.
     old = {"seen": 3, "skipped": {"bad_image": 1}, "fixed": {}, "examples": {"bad_image": "k0"}}
     c = SkipCounter()

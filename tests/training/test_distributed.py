@@ -38,3 +38,28 @@ def test_two_processes_match_one(case, h, tiny, tmp_path):
     # Only rank 0 wrote: one metrics row per step, one checkpoint folder.
     assert len(h.losses(tmp_path / "two")) == 3
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_skip_counts_are_summed_over_ranks_and_workers(h, tiny, tmp_path):
+    """Issue 13, case 1: each rank (and each of its loader workers) reads its own share; the
+    metrics and the final line count all of them."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), 10 * i, np.uint8)).save(buf, "JPEG")
+        (folder / f"{i:02d}.jpg").write_bytes(buf.getvalue() if i % 3 else b"junk")  # 4 junk files
+    # Two steps of 2 ranks x 3 samples: the whole folder, once.
+    p = h.run_ok(h.torchrun_cmd(2, tmp_path / "run", tiny + [
+        "data.source=imagefolder", f"data.urls={folder}", "data.max_skip_fraction=0.5",
+        "data.num_workers=2", "train.steps=2", "train.batch_size=3"]))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["data/seen"] == 12 and rows[-1]["data/skipped/bad_image"] == 4
+    assert len(rows[-1]["data/examples"]["bad_image"]) == 3
+    assert "data: read 12, skipped 4 (33.33%); bad_image 4" in p.stdout

@@ -174,10 +174,11 @@ class SkipCounter:
         for kind, reason, key in events:
             {"skip": self.skipped, "fix": self.fixed, "shard": self.shards}[kind][reason] += 1
             keys = self.examples.setdefault(reason, [])
-            if len(keys) < self.max_examples:
+            first = not keys
+            if len(keys) < self.max_examples and key not in keys:  # a bad file recurs every epoch
                 keys.append(key)
             # The first of each reason is a warning; the rest are counted, and named at DEBUG.
-            level = (logging.DEBUG if len(keys) > 1 else logging.INFO if kind == "fix" else logging.WARNING)
+            level = logging.DEBUG if not first else logging.INFO if kind == "fix" else logging.WARNING
             log.log(level, "%s %s: %s", {"skip": "skipped sample", "fix": "repaired sample",
                                          "shard": "damaged shard"}[kind], reason, key)
 
@@ -201,9 +202,10 @@ class SkipCounter:
             for name in ("skipped", "fixed", "shards"):
                 getattr(total, name).update(st.get(name, {}))
             for reason, keys in st["examples"].items():
-                keys = [keys] if isinstance(keys, str) else keys
                 have = total.examples.setdefault(reason, [])
-                have.extend(keys[: cls.max_examples - len(have)])
+                for key in [keys] if isinstance(keys, str) else keys:
+                    if len(have) < cls.max_examples and key not in have:
+                        have.append(key)
         return total
 
     def metrics(self) -> dict:

@@ -32,8 +32,10 @@ def test_text_loss_only_on_masked_real_tokens_and_weights():
     text = torch.randint(0, 10, (2, 4))
     tmask = torch.tensor([[True, False, True, False], [False, False, False, False]])
     out = _out(torch.zeros(2, 1, 1), torch.ones(2, 1, 1), torch.ones(2, 1, dtype=torch.bool), logits, text, tmask)
-    loss = M3AELoss(1.0, 0.5)(out)
+    loss = M3AELoss(1.0, 0.5, text_norm="text")(out)
     expected = F.cross_entropy(logits[0, [0, 2]], text[0, [0, 2]])  # sample 1 has no loss positions
+    # The default (official) normalisation divides by the batch size: sample 1 adds 0.
+    assert torch.isclose(M3AELoss(1.0, 0.5)(out).text_loss, expected / 2)
     assert torch.isclose(loss.text_loss, expected)
     assert torch.isclose(loss.total, 1.0 * 1.0 + 0.5 * expected)
     loss.text_loss.backward()
@@ -62,3 +64,38 @@ def test_matches_official_jax_losses(official_fixtures):
     assert abs(loss.text_loss.item() - float(z["m3ae_masked075_text_loss"])) < 1e-4
     assert abs(loss.text_accuracy.item() - float(z["m3ae_masked075_text_accuracy"])) < 1e-6
     assert abs(loss.total.item() - float(z["m3ae_masked075_total_loss_w1_0.5"])) < 1e-4
+
+
+def _official_out(z, extra_captionless: bool = False):
+    pad = torch.tensor(z["text_padding_mask"]) > 0
+    tmask = (torch.tensor(z["m3ae_masked075_text_mask"]) > 0) & ~pad
+    parts = [torch.tensor(z["m3ae_masked075_image_output"]), torch.tensor(z["patches"]),
+             torch.tensor(z["m3ae_masked075_image_mask"]) > 0, torch.tensor(z["m3ae_masked075_text_output"]),
+             torch.tensor(z["text"]).long(), tmask]
+    if extra_captionless:  # a 4th sample whose caption was dropped: all padding, nothing to predict
+        parts = [torch.cat([t, t[:1]]) for t in parts]
+        parts[5][-1] = False
+    return _out(*parts)
+
+
+def test_text_loss_with_a_captionless_sample_follows_the_official_normalisation(official_fixtures):
+    """The official loss averages per-sample means over the whole batch B; a sample without a
+    caption adds 0. So one caption-less sample added to the fixture's 3 scales the official
+    value by 3/4, while the accuracy (a metric over captioned samples) stays the same."""
+    import numpy as np
+
+    z = np.load(official_fixtures / "reference.npz")
+    official = float(z["m3ae_masked075_text_loss"])
+    loss = M3AELoss(1.0, 0.5)(_official_out(z, extra_captionless=True))
+    assert abs(loss.text_loss.item() - official * 3 / 4) < 1e-4
+    assert abs(loss.text_accuracy.item() - float(z["m3ae_masked075_text_accuracy"])) < 1e-6
+    # text_norm="text" ignores the caption-less sample: the fixture's own value.
+    other = M3AELoss(1.0, 0.5, text_norm="text")(_official_out(z, extra_captionless=True))
+    assert abs(other.text_loss.item() - official) < 1e-4
+
+
+def test_unknown_text_norm_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="text_norm"):
+        M3AELoss(text_norm="tokens")

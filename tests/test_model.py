@@ -163,3 +163,15 @@ def test_save_and_load_pretrained(tmp_path, tiny_cfg, batch_factory):
     image, text, pad = batch_factory(tiny_cfg)
     assert torch.equal(m.forward_features(image, text, pad), m2.forward_features(image, text, pad))
     assert m2.config == m.config
+
+
+def test_text_embedding_init_is_official_by_default():
+    """The official code initialises the caption embedding N(0, 1) (Flax nn.Embed); the
+    patch projection is xavier-uniform, so at init a token is as visible as a patch."""
+    from m3ae import create_model
+
+    torch.manual_seed(0)
+    w = create_model("tiny").text_embed.weight
+    assert abs(w.std().item() - 1.0) < 0.01 and abs(w.mean().item()) < 0.01
+    w = create_model("tiny", text_embed_init_std=0.02).text_embed.weight
+    assert abs(w.std().item() - 0.02) < 0.001

@@ -37,6 +37,10 @@ class ModelConfig:
     # The official JAX code uses LayerNorm eps 1e-6 and the tanh-approximated GELU.
     ln_eps: float = 1e-6
     gelu_approximate: str = "tanh"  # "tanh" or "none"
+    # Std of the caption embedding table at init. The official code uses N(0, 1) (Flax's
+    # nn.Embed default), which makes a token's identity as strong as its sin-cos position;
+    # MAE-style N(0, 0.02) leaves it ~50x weaker than the position at the start of training.
+    text_embed_init_std: float = 1.0
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -49,6 +53,8 @@ class ModelConfig:
                 raise ValueError(f"{name}={width} must be divisible by 4 for the 2-D sin-cos table")
         if self.gelu_approximate not in ("tanh", "none"):
             raise ValueError("gelu_approximate must be 'tanh' or 'none'")
+        if not self.text_embed_init_std > 0:
+            raise ValueError(f"text_embed_init_std must be positive, got {self.text_embed_init_std}")
 
     @property
     def grid_size(self) -> int:
@@ -68,7 +74,7 @@ _DECODER = dict(dec_emb_dim=512, dec_depth=8, dec_num_heads=16)
 #: Named architectures. Entries set numbers only; :func:`model_config` builds from them.
 PRESETS: dict[str, dict[str, Any]] = {
     # For tests and the demo: 32 px images, 4 px patches (an 8x8 grid), a small vocabulary.
-    "tiny": dict(image_size=32, patch_size=4, vocab_size=1024, max_text_len=32, emb_dim=128,
+    "tiny": dict(image_size=32, patch_size=4, vocab_size=1024, max_text_len=64, emb_dim=128,
                  depth=4, num_heads=4, dec_emb_dim=64, dec_depth=2, dec_num_heads=4),
     "small": dict(emb_dim=384, depth=12, num_heads=6, **_DECODER),
     "base": dict(emb_dim=768, depth=12, num_heads=12, **_DECODER),
@@ -103,7 +109,7 @@ class DataConfig:
     # vocab.txt / tokenizer.json / folder / cached HF name; "from-data" = train one on the
     # source's captions; "" = built for synthetic data, else bert-base-uncased from the cache
     tokenizer: str = ""
-    text_len: int = 32
+    text_len: int = 64  # tokens per caption (the paper's and the official code's length)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: float = 0.5
     flip_swaps_left_right: bool = True
@@ -140,9 +146,17 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # 0 disables
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off (official code: 1e9; MAE: none)
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
+    # How the masked-token cross-entropy is averaged over samples: "batch" divides the sum of
+    # per-sample means by the number of samples in the batch, so samples without a caption
+    # add 0 (the official code); "text" divides by the samples that carry a text loss, which
+    # makes the text term stronger the fewer captions a batch has.
+    text_loss_norm: str = "batch"
+    # True: AdamW also decays LayerNorm scales, as the official code (and so the paper's
+    # numbers) did. False (default): MAE/timm's rule, no decay on any 1-D parameter.
+    decay_norm_scales: bool = False
     norm_pix_loss: bool = False
     precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU) or "fp16" (GPU, gradient scaler)
     device: str = "auto"
@@ -165,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
+        if self.text_loss_norm not in ("batch", "text"):
+            raise ValueError(f"train.text_loss_norm must be 'batch' or 'text', got {self.text_loss_norm!r}")
         if self.accum_steps < 1 or self.batch_size < 1:
             raise ValueError("train.batch_size and train.accum_steps must be at least 1")
 

@@ -1,11 +1,14 @@
 """Pre-training losses, kept outside the model: masked-patch MSE and masked-token cross-entropy.
 
-Both are averaged as the official JAX code does: first over the loss positions of each
-sample, then over the samples that have any (a sample without an image, or whose caption
-kept every token, adds nothing rather than a zero). The official text loss divides by the
-whole batch instead, which pulls the loss towards zero when short captions have nothing
-masked; we average over the samples that carry a loss. :func:`loss_sample_counts` predicts those
-counts from a batch alone, before the forward (the trainer needs them across processes).
+Both are averaged first over the loss positions of each sample. The image loss then averages
+over the samples that have an image. The text loss, by default (``text_norm="batch"``, the
+official JAX code), divides the sum of per-sample means by the number of samples in the
+batch, so a sample without a caption adds 0 and a batch with 10 % captions has a text term
+about 10x weaker than a fully paired one, as in the paper's paired-fraction runs;
+``text_norm="text"`` divides by the samples that carry a text loss instead. The text
+accuracy (a metric) always averages over the samples that carry a text loss.
+:func:`loss_sample_counts` predicts those counts from a batch alone, before the forward
+(the trainer needs them across processes).
 """
 from __future__ import annotations
 
@@ -69,14 +72,19 @@ def _ce_and_correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.
     return -target_logp, correct
 
 
-def text_loss_and_accuracy(out: M3AEOutput, denom=None) -> tuple[torch.Tensor, torch.Tensor]:
+def text_loss_and_accuracy(out: M3AEOutput, denom=None, norm: str = "batch",
+                           accuracy_denom=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-token cross-entropy and top-1 accuracy. ``denom`` overrides the loss's
+    denominator (see the module docstring for ``norm``), ``accuracy_denom`` the accuracy's."""
     mask = out.text_mask
+    if denom is None and norm == "batch":
+        denom = mask.shape[0]
     if out.text_token_loss is not None:  # the forward fused the head and the cross-entropy
         tl = out.text_token_loss
         if denom is None:
             denom = mask.any(1).sum().clamp_min(1)
         hit = tl.hit.new_zeros(mask.shape).masked_scatter(mask, tl.hit)
-        return tl.per_sample_sum / denom, _per_sample_mean(hit, mask, denom)
+        return tl.per_sample_sum / denom, _per_sample_mean(hit, mask, accuracy_denom)
     logits = out.text_logits.float()
     if logits.dim() == 2:  # logits were computed only at the masked positions
         b, t = mask.shape
@@ -85,24 +93,28 @@ def text_loss_and_accuracy(out: M3AEOutput, denom=None) -> tuple[torch.Tensor, t
         correct = ce_flat.new_zeros(b, t).masked_scatter(mask, correct_flat)
     else:
         ce, correct = _ce_and_correct(logits, out.text_target)
-    return _per_sample_mean(ce, mask, denom), _per_sample_mean(correct, mask, denom)
+    return _per_sample_mean(ce, mask, denom), _per_sample_mean(correct, mask, accuracy_denom)
 
 
 class M3AELoss(nn.Module):
     """total = image_weight * image MSE + text_weight * text cross-entropy (1.0 and 0.5)."""
 
-    def __init__(self, image_weight: float = 1.0, text_weight: float = 0.5, norm_pix_loss: bool = False):
+    def __init__(self, image_weight: float = 1.0, text_weight: float = 0.5, norm_pix_loss: bool = False,
+                 text_norm: str = "batch"):
         super().__init__()
+        if text_norm not in ("batch", "text"):
+            raise ValueError(f"text_norm must be 'batch' or 'text', got {text_norm!r}")
         self.image_weight = image_weight
         self.text_weight = text_weight
         self.norm_pix_loss = norm_pix_loss
+        self.text_norm = text_norm
 
-    def forward(self, out: M3AEOutput, image_denom=None, text_denom=None) -> LossOutput:
-        """``image_denom`` / ``text_denom``: see :func:`_per_sample_mean` (None: this batch's count)."""
+    def forward(self, out: M3AEOutput, image_denom=None, text_denom=None, accuracy_denom=None) -> LossOutput:
+        """``*_denom``: see :func:`_per_sample_mean` (None: this batch's own count)."""
         zero = out.latent.new_zeros((), dtype=torch.float32)
         img = image_loss(out, self.norm_pix_loss, image_denom) if out.image_pred is not None else zero
         if out.text_logits is not None or out.text_token_loss is not None:
-            txt, acc = text_loss_and_accuracy(out, text_denom)
+            txt, acc = text_loss_and_accuracy(out, text_denom, self.text_norm, accuracy_denom)
         else:
             txt, acc = zero, zero
         return LossOutput(self.image_weight * img + self.text_weight * txt, img, txt, acc)
@@ -115,7 +127,8 @@ def loss_sample_counts(image_valid_or_present, text_padding_mask, num_patches: i
     ``image_valid_or_present``: a (B,) bool tensor of samples with an image, an int B when
     all have one, or None/0 when the batch has no image. ``text_padding_mask``: (B, T) bool
     or None. Mirrors :func:`m3ae.ops.random_masking`: a sample carries a loss when at least
-    one of its valid positions is masked, which depends only on how many it has.
+    one of its valid positions is masked, which depends only on how many it has. (With
+    ``text_norm="batch"`` the text loss divides by the batch size instead.)
     """
     from .ops import num_kept
 

@@ -197,7 +197,8 @@ class M3AE(nn.Module):
 
     # --------------------------------------------------------------- bookkeeping
     def reset_parameters(self) -> None:
-        """MAE's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) tokens."""
+        """MAE's initialisation: xavier-uniform linears, zero biases, N(0, 0.02) tokens; the
+        caption embedding N(0, ``text_embed_init_std``) (1.0: the official code's)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -208,7 +209,7 @@ class M3AE(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 3:  # cls, type and mask tokens
                 nn.init.normal_(p, std=0.02)
-        nn.init.normal_(self.text_embed.weight, std=0.02)
+        nn.init.normal_(self.text_embed.weight, std=self.config.text_embed_init_std)
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names AdamW should not decay: biases, norms, tokens, embeddings tables."""

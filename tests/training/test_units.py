@@ -140,3 +140,41 @@ def test_lr_scales_with_the_global_batch():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="strategy"):
         TrainConfig(strategy="deepspeed")
+
+
+def test_fidelity_defaults_follow_the_official_code():
+    from m3ae.config import Config
+    from m3ae.evaluation.linear_probe import probe_warmup_epochs
+
+    cfg = Config()
+    assert cfg.train.grad_clip == 0  # official: clip at 1e9, i.e. never; MAE does not clip
+    assert cfg.data.text_len == 64 == cfg.model.max_text_len
+    assert cfg.train.text_loss_norm == "batch"
+    assert cfg.model.text_embed_init_std == 1.0
+    assert probe_warmup_epochs(90) == 10 and probe_warmup_epochs(50) == 10 and probe_warmup_epochs(4) == 2
+
+
+def test_decay_norm_scales_reproduces_the_official_weight_decay_mask(official_fixtures):
+    """With train.decay_norm_scales=true the decayed set is exactly the official code's mask
+    (reference.json), which decays LayerNorm scales; the default differs only there."""
+    import json
+
+    from m3ae.interop.official import flax_name
+    from m3ae.training.optim import param_groups
+
+    ref = json.loads((official_fixtures / "reference.json").read_text())["m3ae_weight_decay_mask"]
+    official = {flax_name(k.removeprefix("params/")): v for k, v in ref.items()}
+    assert None not in official
+    from m3ae.config import model_config
+
+    model = M3AE(model_config("tiny", image_size=32, patch_size=8, emb_dim=64, depth=2, num_heads=4,
+                              dec_emb_dim=32, dec_depth=2, dec_num_heads=4, vocab_size=1000))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert set(names.values()) == set(official)
+    for flag in (True, False):
+        decayed = {names[id(p)] for p in param_groups(model, 0.05, decay_norm_scales=flag)[0]["params"]}
+        diff = {n for n in official if official[n] != (n in decayed)}
+        if flag:
+            assert diff == set()
+        else:
+            assert diff and all(".norm" in n and n.endswith(".weight") for n in diff)

@@ -128,13 +128,19 @@ class ProbeResult:
         return {k: v for k, v in self.__dict__.items() if k != "probe"}
 
 
+def probe_warmup_epochs(epochs: int) -> int:
+    """MAE's (and the official README's) 10 warm-up epochs; short probes warm up for at most
+    half their epochs so that some training happens at the peak LR."""
+    return max(1, min(10, epochs // 2))
+
+
 def linear_probe(train: Features, test: Features, epochs: int = 90, batch_size: int = 256,
                  lr: float | None = None, knn_k: int = 20, seed: int = 0) -> ProbeResult:
     """Train the probe on ``train`` and report top-1/top-5 of it and of kNN on ``test``."""
     _check_labels(test, "evaluation")
     c = num_classes_of(train, test)
     probe = train_linear_probe(train, c, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                               warmup_epochs=min(10, max(1, epochs // 10)))
+                               warmup_epochs=probe_warmup_epochs(epochs))
     acc = topk_accuracy(probe.predict_logits(test.features), test.labels)
     knn = topk_accuracy(knn_classify(train, test, knn_k, num_classes=c), test.labels)
     return ProbeResult(acc["top1"], acc["top5"], knn["top1"], knn["top5"], len(train), len(test), c,

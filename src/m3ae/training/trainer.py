@@ -112,10 +112,10 @@ class _TrainStep(nn.Module):
         self.model, self.criterion = model, criterion
 
     def forward(self, image, text, text_padding_mask, image_valid, image_noise, text_noise,
-                image_denom, text_denom) -> LossOutput:
+                image_denom, text_denom, accuracy_denom) -> LossOutput:
         out = self.model(image, text, text_padding_mask, image_valid, image_noise=image_noise,
                          text_noise=text_noise, text_logits="fused")
-        losses = self.criterion(out, image_denom, text_denom)
+        losses = self.criterion(out, image_denom, text_denom, accuracy_denom)
         anchor = sum(p.reshape(-1)[:1].sum() for n, p in self.model.named_parameters()
                      if not n.startswith(("encoder.blocks.", "decoder.blocks.")))
         return losses._replace(total=losses.total + 0.0 * anchor)
@@ -230,7 +230,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
 
     model = M3AE(cfg.model).to(device)
     model.set_grad_checkpointing(tcfg.grad_checkpointing)
-    criterion = M3AELoss(tcfg.image_loss_weight, tcfg.text_loss_weight, tcfg.norm_pix_loss)
+    criterion = M3AELoss(tcfg.image_loss_weight, tcfg.text_loss_weight, tcfg.norm_pix_loss, tcfg.text_loss_norm)
     fsdp = world > 1 and tcfg.strategy == "fsdp"
     st = None
     if ckpt is not None:
@@ -312,17 +312,18 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
             micro = [next(stream) for _ in range(A)]
             if vis_batch is None and micro[0].get("image") is not None:
                 vis_batch = micro[0]
-            counts = torch.zeros(2, dtype=torch.float64, device=device)
+            counts = torch.zeros(3, dtype=torch.float64, device=device)  # image, text, rows
             for batch in micro:
                 img = batch.get("image")
                 present = None if img is None else (batch["image_valid"] if batch.get("image_valid")
                                                     is not None else img.shape[0])
                 counts += torch.tensor(loss_sample_counts(present, batch.get("text_padding_mask"),
                                                           mcfg.num_patches, mcfg.image_mask_ratio,
-                                                          mcfg.text_mask_ratio), dtype=torch.float64,
-                                       device=device)
+                                                          mcfg.text_mask_ratio) + (len(batch["key"]),),
+                                       dtype=torch.float64, device=device)
             counts = all_reduce_sum(counts, info).tolist()
-            image_denom, text_denom = (max(c, 1.0) / (world * A) for c in counts)
+            image_denom, accuracy_denom, rows_denom = (max(c, 1.0) / (world * A) for c in counts)
+            text_denom = rows_denom if tcfg.text_loss_norm == "batch" else accuracy_denom
 
             optimizer.zero_grad(set_to_none=True)
             logged = torch.zeros(5, dtype=torch.float32, device=device)  # bad, total, img, txt, acc
@@ -351,7 +352,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                     with autocast:
                         losses = step_fn(inputs["image"], inputs["text"], inputs["text_padding_mask"],
                                          inputs["image_valid"], img_noise, txt_noise, image_denom,
-                                         text_denom)
+                                         text_denom, accuracy_denom)
                     loss = losses.total / A
                     (scaler.scale(loss) if scaler is not None else loss).backward()
                 vals = torch.stack([losses.total, losses.image_loss, losses.text_loss,

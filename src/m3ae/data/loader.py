@@ -27,7 +27,8 @@ that the :class:`~m3ae.data.collate.Collator` drops; the batch carries the event
 (``batch["data_events"]``) back from the worker process and the loader adds them to
 ``loader.skips`` (a :class:`~m3ae.data.decode.SkipCounter`), which raises once more than
 ``data.max_skip_fraction`` of the samples were skipped. A batch whose samples were all bad is
-not yielded.
+not yielded. A damaged shard becomes one marker too (it keeps the stream positions right for
+resume), counted as a damaged shard but not as a sample read or skipped.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ Captions are encoded without [CLS]/[SEP] (the model has its own CLS token), trun
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -92,8 +93,10 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     parallel), so a run saves its tokenizer beside every checkpoint; reuse that file.
     """
     tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    # The trainer's progress bars print only blank lines when stderr is not a terminal (logs).
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##")
+                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
+                                        show_progress=sys.stderr.isatty())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 

@@ -99,7 +99,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     """
     tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase=not cased,
                          strip_accents=not keep_accents)
-    # HF's progress bar is escape codes and blank lines in a log file: show it on terminals only.
+    # The trainer's progress bars print only blank lines when stderr is not a terminal (logs).
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
                                         show_progress=sys.stderr.isatty())

@@ -60,5 +60,6 @@ def run(args) -> int:
             print(f"m3ae pretrain: {e}", file=sys.stderr)
         return 3
     if main:
-        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}")
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}; "
+              f"data: {result.data_summary}")
     return 0

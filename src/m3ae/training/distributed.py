@@ -122,6 +122,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (small things: counters, positions)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """DDP (default) or FSDP2 around ``module``; unchanged in a single process.
 
@@ -155,4 +164,4 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
 
 
 __all__ = ["DistInfo", "env_rank_info", "init_distributed", "shutdown_distributed", "all_reduce_sum",
-           "barrier", "broadcast_object", "wrap_model"]
+           "barrier", "broadcast_object", "gather_objects", "wrap_model"]

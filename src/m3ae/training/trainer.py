@@ -40,13 +40,14 @@ from ..model import M3AE
 from ..ops import trim_text_padding
 from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
-from .checkpoint import (WeightsView, clear_run, load_trainer_state, refuse_existing_run, resolve_resume,
-                         save_checkpoint)
-from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed,
-                          resolve_device, shutdown_distributed, wrap_model)
+from .checkpoint import (WeightsView, clear_run, config_changes, last_good_after_resume, load_trainer_state,
+                         refuse_existing_run, resolve_resume, save_checkpoint)
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, gather_objects,
+                          init_distributed, resolve_device, shutdown_distributed, wrap_model)
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
-from .optim import build_optimizer, build_scheduler
+from .nonfinite import overflow_message, parameters_finite, streak_message
+from .optim import build_optimizer, build_scheduler, config_hyperparameters
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,6 +61,7 @@ class PretrainResult:
     final_loss: float
     history: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
+    data_summary: str = ""  # samples read and skipped per reason, over all ranks and workers
 
 
 class _BatchStream:
@@ -149,7 +151,9 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
 
 def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
     """Rank 0's tokenizer on every rank (a tokenizer trained on the fly must be identical
-    everywhere); when resuming, the one saved with the checkpoint."""
+    everywhere); when resuming, always the one saved with the checkpoint: the model's token
+    ids mean what they meant when the run started (a ``from-data`` tokenizer trained again
+    would number its tokens differently)."""
     from tokenizers import Tokenizer
 
     from ..pretrained import TOKENIZER_NAME
@@ -157,7 +161,7 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 
     text = None
     if info.is_main:
-        if ckpt is not None and not cfg.data.tokenizer and (ckpt / TOKENIZER_NAME).is_file():
+        if ckpt is not None and (ckpt / TOKENIZER_NAME).is_file():
             text = (ckpt / TOKENIZER_NAME).read_text()
         else:
             text = build_text_encoder(cfg.data).tokenizer.to_str()
@@ -289,17 +293,18 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
 
     start_step, skipped = 0, 0
     if st is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        with config_hyperparameters(optimizer):  # [issue 13] the config's LR, decay, betas win
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(train_step, optimizer, st["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
+                set_optimizer_state_dict(train_step, optimizer, st["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(st["optimizer"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         start_step, skipped = st["step"], st.get("skipped_steps", 0)
+        scheduler = build_scheduler(optimizer, tcfg, world, start_step=start_step)  # the config's schedule
         _set_rng_state(st, device)
         old_world = st.get("world_size", 1)
         per_rank = st.get("data_per_rank") or [st["data"]]
@@ -318,6 +323,10 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
         stream.load_state(data)
         if main:  # also without a progress bar: which checkpoint a run continued from matters
             tqdm.write(f"resumed from {ckpt} at step {start_step}")
+            changed = config_changes(st.get("config", cfg.to_dict()), cfg.to_dict())
+            if changed:
+                tqdm.write(f"the config differs from the checkpoint's ({'; '.join(changed)}): the new values "
+                           f"apply from step {start_step + 1}, LR schedule and optimizer settings included")
 
     logger = MetricsLogger(run_dir, cfg, enabled=main, resume_step=start_step)
     end_step = tcfg.steps if max_steps is None else min(tcfg.steps, max_steps)
@@ -328,7 +337,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
     vis_batch = None
     A = tcfg.accum_steps
     mcfg = cfg.model
-    last_ckpt = ckpt
+    last_ckpt = None if st is None else last_good_after_resume(ckpt, st)  # written before any streak
     bad_run = 0
     params = [p for p in train_step.parameters() if p.requires_grad]
     t_last, n_last = time.perf_counter(), 0
@@ -408,6 +417,8 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                     scaler.step(optimizer)
                 else:
                     optimizer.step()
+                if not parameters_finite(params, info):  # [issue 13] never log, save or train on them
+                    raise TrainingDiverged(overflow_message(step + 1, scheduler.get_last_lr()[0], last_ckpt))
             if scaler is not None:
                 scaler.update()
             with warnings.catch_warnings():
@@ -418,7 +429,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
             n_last += tcfg.global_batch(world)
             done = step + 1
             if tcfg.max_nonfinite_steps and bad_run >= tcfg.max_nonfinite_steps:
-                raise TrainingDiverged(_diverged_message(done, bad_run, last_ckpt, tcfg))
+                raise TrainingDiverged(streak_message(done, bad_run, last_ckpt, tcfg.max_nonfinite_steps))
 
             if done % tcfg.log_every == 0 or done == end_step:
                 now = time.perf_counter()
@@ -427,12 +438,15 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                         "image_loss": vals[1], "text_loss": vals[2], "text_accuracy": vals[3],
                         "grad_norm": float(grad_norm), "samples_per_s": n_last / max(now - t_last, 1e-9),
                         "skipped_steps": skipped}
+                data = _data_counts(loader, info)  # [issue 13] a collective: every rank logs here
+                last.update(data.metrics())
                 t_last, n_last = now, 0
                 history.append(last)
                 logger.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_loss']:.3f}",
                                 txt=f"{last['text_loss']:.3f}", acc=f"{last['text_accuracy']:.2f}",
-                                sps=f"{last['samples_per_s']:.0f}")
+                                sps=f"{last['samples_per_s']:.0f}",
+                                **({"skipped": data.postfix()} if data.postfix() else {}))
             if (main and not fsdp and tcfg.recon_every and vis_batch is not None
                     and (done % tcfg.recon_every == 0 or done == end_step)):
                 g = torch.Generator(device=device).manual_seed(1234)
@@ -440,14 +454,14 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                                          text_encoder, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
             if (tcfg.ckpt_every and done % tcfg.ckpt_every == 0) or done == end_step:
                 path = _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
-                             skipped, cfg, text_encoder, info, fsdp)
+                             skipped, cfg, text_encoder, info, fsdp, bad_run, last_ckpt)
                 saved_at = done
                 if bad_run == 0:  # "good": written before a streak of non-finite steps began
                     last_ckpt = path or last_ckpt
             if interrupt.requested(info):
                 if saved_at != done:
                     _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
-                                 skipped, cfg, text_encoder, info, fsdp)
+                          skipped, cfg, text_encoder, info, fsdp, bad_run, last_ckpt)
                 raise TrainingInterrupted(done, run_dir / "checkpoints" / f"step_{done:08d}", run_dir)
     finally:
         interrupt.stop()
@@ -462,9 +476,10 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
             save_pretrained(weights, run_dir / "final", text_encoder.tokenizer)
             if logger.path.exists():
                 plot_loss_curve(logger.path, run_dir / "loss_curve.png")
+    summary = _data_counts(loader, info).summary()  # [issue 13] for the run's final line
     barrier(info)
     final = last.get("loss", float("nan")) if done_any else float("nan")
-    return PretrainResult(run_dir, end_step, final, history, skipped)
+    return PretrainResult(run_dir, end_step, final, history, skipped, summary)
 
 
 def _full_weights(model: M3AE, train_step: nn.Module, fsdp: bool):
@@ -478,8 +493,9 @@ def _full_weights(model: M3AE, train_step: nn.Module, fsdp: bool):
 
 
 def _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream, skipped, cfg,
-          text_encoder, info: DistInfo, fsdp: bool):
-    """Every rank calls this (FSDP gathers collectively); rank 0 writes."""
+          text_encoder, info: DistInfo, fsdp: bool, bad_run: int = 0, last_good: Path | None = None):
+    """Every rank calls this (FSDP gathers collectively); rank 0 writes. During a streak of
+    non-finite steps (``bad_run`` > 0) the last good checkpoint is kept out of rotation."""
     weights = _full_weights(model, train_step, fsdp)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -500,21 +516,20 @@ def _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  **_rng_state(info.device), "data": data_states[0], "data_per_rank": data_states,
                  "world_size": info.world_size,
-                 "skipped_steps": skipped, "config": cfg.to_dict()}
+                 "skipped_steps": skipped, "config": cfg.to_dict(), "nonfinite_streak": bad_run,
+                 "last_good": last_good.name if last_good is not None else None}
+        protect = last_good if bad_run else None
         path = save_checkpoint(run_dir, done, weights, state, text_encoder.tokenizer,
-                               keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+                               keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every, protect=protect)
     barrier(info)  # nobody runs ahead (or exits) while rank 0 is still writing
     return path
 
 
-def _diverged_message(step: int, bad: int, last_ckpt: Path | None, tcfg) -> str:
-    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-    return (f"stopping at step {step}: {bad} steps in a row had a non-finite loss or gradient "
-            f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); {where}. Likely causes: a learning "
-            f"rate too high for this batch size (lower train.base_lr/train.lr or lengthen "
-            f"train.warmup_steps), fp16 overflow (use train.precision=bf16), no gradient clipping "
-            f"(train.grad_clip), or bad input data (NaN pixels, empty captions). Resume with "
-            f"--resume latest after changing the config.")
+def _data_counts(loader, info: DistInfo):
+    """The skip counter of every rank (each already sums its loader workers) added up."""
+    from ..data import SkipCounter
+
+    return SkipCounter.merged(gather_objects(loader.skips.state_dict(), info), loader.skips.source)
 
 
 def _git_commit() -> str | None:

@@ -38,6 +38,9 @@ def _allowed_numbers(s: dict) -> set[str]:
             out.update({f"{100 * v:.1f}", f"{v:.3f}", f"{v / 60:.1f}", f"{v / 1e6:.2f}", f"{100 * v:.0f}",
                         str(v), str(round(1 / v)) if 0 < v < 1 else ""})
     walk({k: v for k, v in s.items() if k != "config"})
+    for task in demo.PROBE_TASKS:  # the gaps render_summary states between probe results
+        q = s["probe"][task]
+        out.update(f"{100 * abs(q['trained'] - q[other]):.1f}" for other in ("random_init", "pixels"))
     return out
 
 

@@ -18,8 +18,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token (default) or mean of tokens")
+def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
+    if both:
+        p.add_argument("--pool", default="both", choices=["both", "cls", "mean"],
+                       help="CLS token, mean of tokens, or both (default: both, from one pass; after short "
+                            "training the mean is often the better feature)")
+    else:
+        p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token (default) or mean of tokens")
     p.add_argument("--block", type=int, default=None,
                    help="take this encoder block's output (0-based, -1 = last) instead of the final output")
     p.add_argument("--cache-dir", default=None,

@@ -53,11 +53,15 @@ def run(args) -> int:
                    weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                    warmup_epochs=args.warmup_epochs, class_names=names, progress=not args.no_progress,
                    seed=args.seed)
+    def top5(d):  # hidden with 5 classes or fewer, where it is 100% by construction
+        return f"  top-5 {d['top5']:.2%}" if d.get("top5") is not None else ""
+
     for h in res.history:
-        print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  top-1 {h['top1']:.2%}  top-5 {h['top5']:.2%}")
+        print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  top-1 {h['top1']:.2%}{top5(h)}")
     res.classifier.save(args.out)
     what = "all blocks" if args.last_blocks is None else f"last {args.last_blocks} block(s)"
     write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "trained": what,
                                              "train": args.train, "val": args.val})
-    print(f"fine-tuned {what}: top-1 {res.top1:.2%}  top-5 {res.top5:.2%}; classifier in {args.out}")
+    print(f"fine-tuned {what}: top-1 {res.top1:.2%}{top5(res.as_dict())} (chance {res.chance:.2%}); "
+          f"classifier in {args.out}")
     return 0

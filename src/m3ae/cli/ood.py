@@ -35,6 +35,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..evaluation.data import data_name
     from ..evaluation.ood import ood_scores, plot_roc
     from .linear_probe import features_for
 
@@ -60,7 +61,8 @@ def run(args) -> int:
         print(f"{name:12s} AUROC {m['auroc']:.4f}  FPR@95%TPR {m['fpr95']:.4f}")
     print(f"(in-distribution: {len(id_test)} test samples, OOD: {len(ood)}; MSP from the {msp_from}"
           + (f", whose in-distribution top-1 is {res.id_accuracy:.2%})" if res.id_accuracy is not None else ")"))
-    png = plot_roc(res, Path(args.out) / "roc.png", title=f"in: {Path(args.id_test).name}  vs  OOD: {Path(args.ood).name}")
+    png = plot_roc(res, Path(args.out) / "roc.png",
+                   title=f"in: {data_name(args.id_test)}  vs  OOD: {data_name(args.ood)}")
     write_results(args.out, "results.json", {"metrics": res.metrics, "id_accuracy": res.id_accuracy,
                                              "msp_from": msp_from, "num_id": len(id_test), "num_ood": len(ood),
                                              "model": str(args.model), "id_train": args.id_train,

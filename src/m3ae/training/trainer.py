@@ -34,22 +34,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import build_pretrain_loader, build_text_encoder, model_inputs
+from ..data import build_dataset, build_pretrain_loader, build_text_encoder, model_inputs
 from ..losses import LossOutput, M3AELoss, loss_sample_counts
 from ..model import M3AE
 from ..ops import hide_a_quarter_first, trim_text_padding
+from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
-from .checkpoint import WeightsView, load_trainer_state, resolve_resume, save_checkpoint
-from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed,
-                          shutdown_distributed, wrap_model)
+from .checkpoint import (WeightsView, clear_run, config_changes, last_good_after_resume, load_trainer_state,
+                         refuse_existing_run, resolve_resume, save_checkpoint)
+from .distributed import (DistInfo, all_reduce_sum, barrier, broadcast_object, gather_objects,
+                          init_distributed, resolve_device, shutdown_distributed, wrap_model)
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
-from .optim import build_optimizer, build_scheduler
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from .nonfinite import overflow_message, parameters_finite, streak_message
+from .optim import build_optimizer, build_scheduler, config_hyperparameters
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,6 +61,7 @@ class PretrainResult:
     final_loss: float
     history: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
+    data_summary: str = ""  # samples read and skipped per reason, over all ranks and workers
 
 
 class _BatchStream:
@@ -156,7 +155,9 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
 
 def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
     """Rank 0's tokenizer on every rank (a tokenizer trained on the fly must be identical
-    everywhere); when resuming, the one saved with the checkpoint."""
+    everywhere); when resuming, always the one saved with the checkpoint: the model's token
+    ids mean what they meant when the run started (a ``from-data`` tokenizer trained again
+    would number its tokens differently)."""
     from tokenizers import Tokenizer
 
     from ..pretrained import TOKENIZER_NAME
@@ -164,7 +165,7 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 
     text = None
     if info.is_main:
-        if ckpt is not None and not cfg.data.tokenizer and (ckpt / TOKENIZER_NAME).is_file():
+        if ckpt is not None and (ckpt / TOKENIZER_NAME).is_file():
             text = (ckpt / TOKENIZER_NAME).read_text()
         else:
             text = build_text_encoder(cfg.data).tokenizer.to_str()
@@ -173,59 +174,88 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 
 
 def _resume_target(resume: str | None, run_dir: Path, info: DistInfo) -> Path | None:
-    # torchrun --max-restarts restarts dead workers with the same arguments; continuing from
-    # the newest checkpoint is the only sensible thing for a restarted worker to do.
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "latest"
     if not resume:
         return None
     ckpt = resolve_resume(resume, run_dir) if info.is_main else None
     found = broadcast_object(None if ckpt is None else str(ckpt), info)
+    if found is None and info.is_main:
+        tqdm.write(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'} yet; starting a new run "
+                   "at step 0")
     return None if found is None else Path(found)
 
 
+def _check_run_folder(run_dir: Path, resume: str | None, overwrite: bool, info: DistInfo) -> None:
+    """A new run must not write into an old one: its checkpoints and metrics would mix."""
+    problem = None
+    if info.is_main and not resume and not overwrite:
+        try:
+            refuse_existing_run(run_dir)
+        except FileExistsError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise FileExistsError(problem)
+
+
+def _vocab_note(cfg: Config, text_encoder) -> str | None:
+    """A note when the model has more token ids than the tokenizer (they are never used)."""
+    n, v = text_encoder.vocab_size, cfg.model.vocab_size
+    if n >= v or n <= len(SPECIAL_TOKENS) or (cfg.data.source == "synthetic" and not cfg.data.tokenizer):
+        return None  # equal, image-only (no text), or the built-in data's deliberately small vocabulary
+    return (f"note: model.vocab_size={v} but the tokenizer has {n} tokens: ids {n}..{v - 1} are never "
+            f"used (wasted rows in the text embedding and head); model.vocab_size={n} fits exactly")
+
+
 def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
-             max_steps: int | None = None) -> PretrainResult:
+             max_steps: int | None = None, overwrite: bool = False) -> PretrainResult:
     """Pre-train an M3AE as ``cfg`` says, writing everything into ``run_dir``.
 
-    ``resume`` is ``"latest"`` or a checkpoint folder. ``max_steps`` stops early (the LR
-    schedule still follows ``cfg.train.steps``), which the tests use to interrupt a run.
-    Started by ``torchrun`` or ``srun`` this process becomes one rank of a data-parallel run.
+    ``resume`` is ``"latest"`` (continue the newest checkpoint, or start when there is none)
+    or a checkpoint folder. Without it, a ``run_dir`` that already holds a run is refused
+    (``FileExistsError``) unless ``overwrite`` deletes that run first. ``max_steps`` stops
+    early (the LR schedule still follows ``cfg.train.steps``), which the tests use to
+    interrupt a run. Ctrl-C finishes the step, writes a checkpoint and raises
+    :class:`TrainingInterrupted`. Started by ``torchrun`` or ``srun`` this process becomes
+    one rank of a data-parallel run.
     """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run or replace it")
+    # torchrun --max-restarts restarts dead workers with the same arguments; continuing from
+    # the newest checkpoint is the only sensible thing for a restarted worker to do.
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume, overwrite = "latest", False
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(cfg.train.device)
     try:
-        return _pretrain(cfg, Path(run_dir), resume, progress, max_steps, info)
+        return _pretrain(cfg, Path(run_dir), resume, progress, max_steps, info, overwrite)
     finally:
         if owns_group:
             shutdown_distributed()
 
 
 def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, max_steps: int | None,
-              info: DistInfo) -> PretrainResult:
+              info: DistInfo, overwrite: bool = False) -> PretrainResult:
     from .. import __version__
 
     tcfg, device, world = cfg.train, info.device, info.world_size
     main = info.is_main
     autocast = _precision_context(tcfg.precision, device)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier(info)
+    # Everything is checked before anything is written (a run that cannot start leaves no
+    # folder behind), and the data first: a wrong path is the first thing to report.
+    _check_run_folder(run_dir, resume, overwrite, info)
+    ckpt = _resume_target(resume, run_dir, info)
+    dataset = build_dataset(cfg.data, cfg.model.image_size, train=True, seed=tcfg.seed, rank=info.rank,
+                            world_size=world, batch_size=tcfg.batch_size)
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP2 relies on it)
 
-    ckpt = _resume_target(resume, run_dir, info)
     text_encoder = _shared_text_encoder(cfg, info, ckpt)
     if text_encoder.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {text_encoder.vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; set model.vocab_size={text_encoder.vocab_size} or more")
+    if main and _vocab_note(cfg, text_encoder):
+        tqdm.write(_vocab_note(cfg, text_encoder))
     if cfg.data.text_len > cfg.model.max_text_len:
         raise ValueError(f"data.text_len={cfg.data.text_len} exceeds model.max_text_len={cfg.model.max_text_len}")
-    if main:
-        cfg.save(run_dir / "config.yaml")
-        (run_dir / "version.json").write_text(json.dumps({
-            "m3ae": __version__, "torch": torch.__version__, "git": _git_commit(), "world_size": world,
-            "global_batch": tcfg.global_batch(world), "peak_lr": tcfg.lr_for(world),
-            "strategy": tcfg.strategy if world > 1 else "single"}, indent=2))
 
     model = M3AE(cfg.model).to(device)
     model.set_grad_checkpointing(tcfg.grad_checkpointing)
@@ -252,22 +282,33 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
     step_fn = torch.compile(train_step) if tcfg.compile else train_step
 
     loader = build_pretrain_loader(cfg.data, cfg.model.image_size, text_encoder, tcfg.batch_size,
-                                   seed=tcfg.seed, rank=info.rank, world_size=world)
+                                   seed=tcfg.seed, rank=info.rank, world_size=world, dataset=dataset)
     stream = _BatchStream(loader)
+    if main:
+        if overwrite:
+            clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        (run_dir / "version.json").write_text(json.dumps({
+            "m3ae": __version__, "torch": torch.__version__, "git": _git_commit(), "world_size": world,
+            "global_batch": tcfg.global_batch(world), "peak_lr": tcfg.lr_for(world),
+            "strategy": tcfg.strategy if world > 1 else "single"}, indent=2))
+    barrier(info)
 
     start_step, skipped = 0, 0
     if st is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        with config_hyperparameters(optimizer):  # [issue 13] the config's LR, decay, betas win
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(train_step, optimizer, st["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(st["optimizer"])
-        scheduler.load_state_dict(st["scheduler"])
+                set_optimizer_state_dict(train_step, optimizer, st["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                optimizer.load_state_dict(st["optimizer"])
         if scaler is not None and st.get("scaler"):
             scaler.load_state_dict(st["scaler"])
         start_step, skipped = st["step"], st.get("skipped_steps", 0)
+        scheduler = build_scheduler(optimizer, tcfg, world, start_step=start_step)  # the config's schedule
         _set_rng_state(st, device)
         old_world = st.get("world_size", 1)
         per_rank = st.get("data_per_rank") or [st["data"]]
@@ -286,6 +327,10 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
         stream.load_state(data)
         if main:  # also without a progress bar: which checkpoint a run continued from matters
             tqdm.write(f"resumed from {ckpt} at step {start_step}")
+            changed = config_changes(st.get("config", cfg.to_dict()), cfg.to_dict())
+            if changed:
+                tqdm.write(f"the config differs from the checkpoint's ({'; '.join(changed)}): the new values "
+                           f"apply from step {start_step + 1}, LR schedule and optimizer settings included")
 
     logger = MetricsLogger(run_dir, cfg, enabled=main, resume_step=start_step)
     end_step = tcfg.steps if max_steps is None else min(tcfg.steps, max_steps)
@@ -296,11 +341,13 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
     vis_batch = None
     A = tcfg.accum_steps
     mcfg = cfg.model
-    last_ckpt = ckpt
+    last_ckpt = None if st is None else last_good_after_resume(ckpt, st)  # written before any streak
     bad_run = 0
     params = [p for p in train_step.parameters() if p.requires_grad]
     t_last, n_last = time.perf_counter(), 0
     train_step.train()
+    saved_at = start_step
+    interrupt = StopOnInterrupt().start()  # Ctrl-C: finish the step, save, then stop
     try:
         for step in bar:
             micro = [next(stream) for _ in range(A)]
@@ -375,6 +422,8 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                     scaler.step(optimizer)
                 else:
                     optimizer.step()
+                if not parameters_finite(params, info):  # [issue 13] never log, save or train on them
+                    raise TrainingDiverged(overflow_message(step + 1, scheduler.get_last_lr()[0], last_ckpt))
             if scaler is not None:
                 scaler.update()
             with warnings.catch_warnings():
@@ -385,7 +434,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
             n_last += tcfg.global_batch(world)
             done = step + 1
             if tcfg.max_nonfinite_steps and bad_run >= tcfg.max_nonfinite_steps:
-                raise TrainingDiverged(_diverged_message(done, bad_run, last_ckpt, tcfg))
+                raise TrainingDiverged(streak_message(done, bad_run, last_ckpt, tcfg.max_nonfinite_steps))
 
             if done % tcfg.log_every == 0 or done == end_step:
                 now = time.perf_counter()
@@ -394,12 +443,15 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                         "image_loss": vals[1], "text_loss": vals[2], "text_accuracy": vals[3],
                         "grad_norm": float(grad_norm), "samples_per_s": n_last / max(now - t_last, 1e-9),
                         "skipped_steps": skipped}
+                data = _data_counts(loader, info)  # [issue 13] a collective: every rank logs here
+                last.update(data.metrics())
                 t_last, n_last = now, 0
                 history.append(last)
                 logger.log(last)
                 bar.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_loss']:.3f}",
                                 txt=f"{last['text_loss']:.3f}", acc=f"{last['text_accuracy']:.2f}",
-                                sps=f"{last['samples_per_s']:.0f}")
+                                sps=f"{last['samples_per_s']:.0f}",
+                                **({"skipped": data.postfix()} if data.postfix() else {}))
             if (main and not fsdp and tcfg.recon_every and vis_batch is not None
                     and (done % tcfg.recon_every == 0 or done == end_step)):
                 g = torch.Generator(device=device).manual_seed(1234)
@@ -407,10 +459,17 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
                                          text_encoder, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
             if (tcfg.ckpt_every and done % tcfg.ckpt_every == 0) or done == end_step:
                 path = _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
-                             skipped, cfg, text_encoder, info, fsdp)
+                             skipped, cfg, text_encoder, info, fsdp, bad_run, last_ckpt)
+                saved_at = done
                 if bad_run == 0:  # "good": written before a streak of non-finite steps began
                     last_ckpt = path or last_ckpt
+            if interrupt.requested(info):
+                if saved_at != done:
+                    _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream,
+                          skipped, cfg, text_encoder, info, fsdp, bad_run, last_ckpt)
+                raise TrainingInterrupted(done, run_dir / "checkpoints" / f"step_{done:08d}", run_dir)
     finally:
+        interrupt.stop()
         bar.close()
         logger.close()
 
@@ -422,9 +481,10 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
             save_pretrained(weights, run_dir / "final", text_encoder.tokenizer)
             if logger.path.exists():
                 plot_loss_curve(logger.path, run_dir / "loss_curve.png")
+    summary = _data_counts(loader, info).summary()  # [issue 13] for the run's final line
     barrier(info)
     final = last.get("loss", float("nan")) if done_any else float("nan")
-    return PretrainResult(run_dir, end_step, final, history, skipped)
+    return PretrainResult(run_dir, end_step, final, history, skipped, summary)
 
 
 def _full_weights(model: M3AE, train_step: nn.Module, fsdp: bool):
@@ -438,8 +498,9 @@ def _full_weights(model: M3AE, train_step: nn.Module, fsdp: bool):
 
 
 def _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream, skipped, cfg,
-          text_encoder, info: DistInfo, fsdp: bool):
-    """Every rank calls this (FSDP gathers collectively); rank 0 writes."""
+          text_encoder, info: DistInfo, fsdp: bool, bad_run: int = 0, last_good: Path | None = None):
+    """Every rank calls this (FSDP gathers collectively); rank 0 writes. During a streak of
+    non-finite steps (``bad_run`` > 0) the last good checkpoint is kept out of rotation."""
     weights = _full_weights(model, train_step, fsdp)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -460,21 +521,20 @@ def _save(run_dir, done, model, train_step, optimizer, scheduler, scaler, stream
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  **_rng_state(info.device), "data": data_states[0], "data_per_rank": data_states,
                  "world_size": info.world_size,
-                 "skipped_steps": skipped, "config": cfg.to_dict()}
+                 "skipped_steps": skipped, "config": cfg.to_dict(), "nonfinite_streak": bad_run,
+                 "last_good": last_good.name if last_good is not None else None}
+        protect = last_good if bad_run else None
         path = save_checkpoint(run_dir, done, weights, state, text_encoder.tokenizer,
-                               keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+                               keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every, protect=protect)
     barrier(info)  # nobody runs ahead (or exits) while rank 0 is still writing
     return path
 
 
-def _diverged_message(step: int, bad: int, last_ckpt: Path | None, tcfg) -> str:
-    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-    return (f"stopping at step {step}: {bad} steps in a row had a non-finite loss or gradient "
-            f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); {where}. Likely causes: a learning "
-            f"rate too high for this batch size (lower train.base_lr/train.lr or lengthen "
-            f"train.warmup_steps), fp16 overflow (use train.precision=bf16), no gradient clipping "
-            f"(train.grad_clip), or bad input data (NaN pixels, empty captions). Resume with "
-            f"--resume latest after changing the config.")
+def _data_counts(loader, info: DistInfo):
+    """The skip counter of every rank (each already sums its loader workers) added up."""
+    from ..data import SkipCounter
+
+    return SkipCounter.merged(gather_objects(loader.skips.state_dict(), info), loader.skips.source)
 
 
 def _git_commit() -> str | None:
@@ -487,4 +547,4 @@ def _git_commit() -> str | None:
         return None
 
 
-__all__ = ["pretrain", "PretrainResult", "resolve_device", "TrainingDiverged", "masking_noise"]
+__all__ = ["pretrain", "PretrainResult", "resolve_device", "TrainingDiverged", "TrainingInterrupted", "masking_noise"]

@@ -34,7 +34,3 @@ def write_results(out: str | Path | None, name: str, results: dict) -> Path | No
     path.write_text(json.dumps(results, indent=2))
     return path
 
-
-def check_positive(value: int | None, name: str) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")

@@ -2,7 +2,7 @@
 and a kNN check on the evaluation split. Features are cached on disk (model + data hash)."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_feature_args, add_model_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
 
 EPILOG = """examples:
   m3ae linear-probe runs/demo/final --train shapes:2000:0 --val shapes:500:1
@@ -12,11 +12,7 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("linear-probe", help="linear probe + kNN on frozen encoder features", description=__doc__,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = add_eval_command(sub, "linear-probe", "linear probe + kNN on frozen encoder features", __doc__, EPILOG)
     p.add_argument("--train", required=True, help="training split; " + DATA_HELP)
     p.add_argument("--val", required=True, help="evaluation split (same forms)")
     p.add_argument("--limit-train", type=int, default=None)
@@ -58,7 +54,7 @@ def run(args) -> int:
           f"{res.num_classes} classes, chance {res.chance:.2%})")
     if args.out:
         write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "train": args.train,
-                                                 "val": args.val, "pool": args.pool, "block": args.block})
+                                                 "val": args.val, "pool": args.pool, "block": args.block}, args)
         save_file(res.probe.state_dict(), str(Path(args.out) / "probe.safetensors"))
         print(f"wrote {Path(args.out) / 'results.json'}")
     return 0

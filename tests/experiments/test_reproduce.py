@@ -102,3 +102,44 @@ def test_smoke_pipeline_runs_reports_and_skips(reproduce, shared_data, tmp_path)
     shutil.rmtree(out)
     assert reproduce.main(args + ["--report"]) == 0
     assert (docs / "results.md").read_text() == md
+
+
+def _fake_result(name, kind, seed, cls, mean, pf=1.0, tm=0.75, steps=(150, 300)):
+    probe = lambda top1: {"top1": top1, "top5": top1 + 0.1, "knn_top1": top1 / 2, "knn_top5": 0.0,  # noqa: E731
+                          "n_train": 10, "n_test": 10, "num_classes": 100, "chance": 0.01}
+    ood = {"metrics": {m: {"auroc": 0.6, "fpr95": 0.9} for m in ("mahalanobis", "msp")}, "id_accuracy": 0.5,
+           "n_id": 10, "n_ood": 10}
+    return {"name": name, "kind": kind, "seed": seed, "paired_fraction": pf, "text_mask_ratio": tm,
+            "steps": steps[-1], "samples_seen": 100, "final": {"loss": 1.0, "image_loss": 0.5, "text_loss": 1.0,
+                                                              "text_accuracy": 0.1},
+            "probe": probe(cls), "probes": {"cls": probe(cls), "mean": probe(mean)}, "pool": "cls",
+            "curve": [{"step": s, "cls": {"top1": cls * s / steps[-1], "knn_top1": 0.0},
+                       "mean": {"top1": mean, "knn_top1": 0.0}} for s in steps],
+            "ood_far": ood, "ood_near": ood, "pretrain_seconds": 1.0, "eval_seconds": 1.0, "eval_images": 10,
+            "device": "cpu", "started_at": 0.0, "finished_at": 1.0, "pictures": []}
+
+
+def test_standard_report_states_the_measured_gap(reproduce, tmp_path):
+    """The claim-1 verdict applies the issue's bar (every seed above, mean gap >= 3x the larger
+    seed std) and the headline sentence carries the numbers of the results, for each pool."""
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    results = {"mae_s0": ("mae", 0, 0.100, 0.150), "mae_s1": ("mae", 1, 0.102, 0.151),
+               "mae_s2": ("mae", 2, 0.098, 0.149), "m3ae_s0": ("m3ae", 0, 0.130, 0.152),
+               "m3ae_s1": ("m3ae", 1, 0.132, 0.148), "m3ae_s2": ("m3ae", 2, 0.128, 0.153)}
+    for name, (kind, seed, cls, mean) in results.items():
+        (out / name).mkdir(parents=True)
+        r = _fake_result(name, kind, seed, cls, mean, pf=0.0 if kind == "mae" else 1.0)
+        (out / name / "result.json").write_text(json.dumps(r))
+    reproduce.report(out, docs, "standard")
+    s = json.loads((docs / "results" / "standard.json").read_text())
+    cls, mean = s["claim1_pools"]["cls"], s["claim1_pools"]["mean"]
+    assert cls["gap"] == pytest.approx(3.0) and cls["max_std"] == pytest.approx(0.2)
+    assert cls["verdict"].startswith("reproduced") and s["claim1"]["verdict"] == cls["verdict"]
+    assert mean["verdict"].startswith("inconclusive")  # seed ranges overlap
+    assert s["claim1"]["seed_gaps"] == pytest.approx({"0": 3.0, "1": 3.0, "2": 3.0})
+    assert s["curve"]["m3ae"]["cls"]["150"] == pytest.approx([6.5, 6.6, 6.4])
+    md = (docs / "results.md").read_text()
+    assert "M3AE 13.00 % vs MAE 10.00 %" in md and "gap +3.00 points, 15.0x the larger seed std (0.20)" in md
+    assert (docs / "results" / "standard_curve.png").stat().st_size > 0
+    # Gap in direction but below 3x the std: not called reproduced.
+    assert reproduce.compare_strict([11.0, 12.0, 13.0], [10.0, 10.5, 10.9]).startswith("in direction, but")

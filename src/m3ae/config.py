@@ -190,7 +190,7 @@ class TrainConfig:
             raise ValueError("train.batch_size and train.accum_steps must be at least 1")
         for name in ("lr", "base_lr"):
             value = getattr(self, name)
-            if value is not None and not 0 < value < 1e3:  # also catches NaN
+            if value is not None and not 0 < value < float("inf"):  # also catches NaN
                 raise ValueError(f"train.{name} must be a positive learning rate such as 1e-4, got {value}")
 
     def global_batch(self, world_size: int = 1) -> int:

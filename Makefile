@@ -2,6 +2,7 @@
 #   make demo   -> creates .venv, installs m3ae, pre-trains a tiny M3AE on built-in data (runs/demo)
 #   make test   -> creates .venv, installs m3ae with test extras, runs the test suite
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,8 +12,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch/torchvision pinned to the releases this project is tested with (CPU or CUDA build).
-	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	# torch/torchvision pinned to the releases this project is tested with. The default wheel
+	# carries CUDA (several GB); on a machine without a GPU use the CPU build:
+	#   make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[all]"
 	touch $(STAMP)
 

@@ -41,3 +41,10 @@ def test_cached_hf_name_is_found_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     tok = load_tokenizer("org/tok")
     assert tok.encode("hello", add_special_tokens=False).tokens == ["hello"]
+
+
+def test_training_prints_nothing_off_terminal(capfd):
+    """Issue 13, case 7: tokenizers' progress bars printed three blank lines into logs."""
+    train_wordpiece(["a red circle on the left", "a blue square at the top"] * 20, vocab_size=60)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -109,7 +109,10 @@ class DataConfig:
     text_len: int = 64  # tokens per caption (the paper's and the official code's length)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: float = 0.5
+    # A flip swaps these words in the caption (whole words, any case), so that spatial words
+    # stay true; English by default: add your language's pairs, e.g. [[left, right], [trái, phải]].
     flip_swaps_left_right: bool = True
+    flip_word_pairs: list = field(default_factory=lambda: [["left", "right"]])
     shuffle_buffer: int = 2000
     num_workers: int = 0
     paired_fraction: float = 1.0  # fraction of pairs that keep their caption
@@ -128,6 +131,8 @@ class DataConfig:
     reduced_decode: bool = True  # JPEGs much larger than needed decode at 1/2, 1/4 or 1/8 size
     prefetch_factor: int = 2  # batches each worker prepares ahead
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
+    tokenizer_cased: bool = False  # tokenizer="from-data": keep upper case
+    tokenizer_keep_accents: bool = False  # tokenizer="from-data": keep accents (e.g. Vietnamese)
 
 
 @dataclass
@@ -184,6 +189,10 @@ class TrainConfig:
             raise ValueError(f"train.text_loss_norm must be 'batch' or 'text', got {self.text_loss_norm!r}")
         if self.accum_steps < 1 or self.batch_size < 1:
             raise ValueError("train.batch_size and train.accum_steps must be at least 1")
+        for name in ("lr", "base_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < float("inf"):  # also catches NaN
+                raise ValueError(f"train.{name} must be a positive learning rate such as 1e-4, got {value}")
 
     def global_batch(self, world_size: int = 1) -> int:
         return self.batch_size * self.accum_steps * world_size
@@ -245,18 +254,63 @@ def _field_types(cls) -> dict[str, Any]:
     return {f.name: f for f in fields(cls)}
 
 
+_SECTION_OF = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train"}
+
+
+def _closest(name: str, known) -> str:
+    """'; did you mean X?' for a likely typo, else the list of known names."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
+
+
+def _check_type(where: str, value: Any, type_name: str) -> Any:
+    """``value`` as the field's declared type, or a one-line ValueError naming the field."""
+    def bad(what: str):
+        return ValueError(f"{where} must be {what}, got {value!r}")
+
+    optional = type_name.endswith("| None")
+    base = type_name.removesuffix("| None").strip()
+    if value is None:
+        if optional or base == "str":  # `data.tokenizer=` (nothing) means the empty string
+            return None if optional else ""
+        raise bad(f"a value of type {base}")
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if base == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)  # e.g. steps: 1e5 in a YAML file
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("a whole number")
+        return value
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if base == "str":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise bad("a string")
+        return str(value)
+    if base.startswith("tuple["):
+        n = base.count(",") + 1
+        if not isinstance(value, (list, tuple)) or len(value) != n or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            raise bad(f"a list of {n} numbers such as [0.2,1.0]")
+        return tuple(float(v) for v in value)
+    if base == "list" and not isinstance(value, list):
+        raise bad("a list")
+    return value
+
+
 def _coerce_section(cls, values: dict[str, Any]) -> dict[str, Any]:
     known = _field_types(cls)
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
-    out = {}
-    for k, v in values.items():
-        default = known[k].default if known[k].default is not dataclasses.MISSING else None
-        if isinstance(default, tuple) and isinstance(v, (list, tuple)):
-            v = tuple(v)
-        out[k] = v
-    return out
+    section = _SECTION_OF.get(cls.__name__, cls.__name__)
+    for k in sorted(set(values) - set(known)):
+        raise ValueError(f"unknown {cls.__name__} field {section}.{k}{_closest(k, known)}")
+    return {k: _check_type(f"{section}.{k}", v, str(known[k].type)) for k, v in values.items()}
 
 
 def _parse_value(text: str) -> Any:

@@ -24,6 +24,29 @@ WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write torch or numpy tensors to a .safetensors file atomically (temporary name, then
+    rename), with the permissions of an ordinary new file: safetensors itself creates 0600."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if any(isinstance(v, torch.Tensor) for v in tensors.values()):
+        save_file(tensors, str(tmp), metadata=metadata)
+    else:
+        from safetensors.numpy import save_file as save_numpy
+
+        save_numpy(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return path
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -40,9 +63,7 @@ def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "m3ae_version": __version__})
-    os.replace(tmp, directory / WEIGHTS_NAME)
+    save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "m3ae_version": __version__})
     config = {"architecture": "M3AE", "m3ae_version": __version__, **asdict(model.config), **(extra or {})}
     write_json_atomic(directory / CONFIG_NAME, config)
     if tokenizer is not None:

@@ -10,6 +10,7 @@ Captions are encoded without [CLS]/[SEP] (the model has its own CLS token), trun
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,9 +24,11 @@ class TokenizerNotFound(FileNotFoundError):
     pass
 
 
-def _bert_pipeline(tok: Tokenizer) -> Tokenizer:
+def _bert_pipeline(tok: Tokenizer, lowercase: bool = True, strip_accents: bool = True) -> Tokenizer:
+    # BERT-uncased lower-cases and strips accents, which merges e.g. Vietnamese "cá", "cà",
+    # "cả" into "ca"; both are options of a trained tokenizer (recorded in tokenizer.json).
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=True)
+                                                strip_accents=strip_accents, lowercase=lowercase)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
@@ -85,15 +88,21 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         "or build one from your captions with `m3ae tokenizer train CAPTIONS.txt -o tokenizer.json`.")
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1) -> Tokenizer:
-    """Train an uncased WordPiece vocabulary (BERT's normaliser and pre-tokeniser) on captions.
+def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency: int = 1, *,
+                    cased: bool = False, keep_accents: bool = False) -> Tokenizer:
+    """Train a WordPiece vocabulary (BERT's normaliser and pre-tokeniser) on captions.
 
+    By default it is uncased with accents stripped, as BERT-uncased; ``cased`` keeps upper
+    case and ``keep_accents`` keeps accents (for languages where they tell words apart).
     Token ids can differ between two trainings on the same text (the trainer breaks ties in
     parallel), so a run saves its tokenizer beside every checkpoint; reuse that file.
     """
-    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase=not cased,
+                         strip_accents=not keep_accents)
+    # The trainer's progress bars print only blank lines when stderr is not a terminal (logs).
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##")
+                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
+                                        show_progress=sys.stderr.isatty())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 

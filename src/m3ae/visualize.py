@@ -55,9 +55,10 @@ def caption_with_predictions(text_encoder, ids, padding, text_mask, logits_row) 
     for j in range(ids.shape[0]):
         if padding[j]:
             break
-        tok = text_encoder.tokenizer.id_to_token(int(ids[j]))
+        # Ids the tokenizer lacks (a model vocabulary larger than the tokenizer's) show as [UNK].
+        tok = text_encoder.decode_tokens([ids[j]])[0]
         if text_mask[j] and pred is not None:
-            guess = text_encoder.tokenizer.id_to_token(int(pred[j]))
+            guess = text_encoder.decode_tokens([pred[j]])[0]
             words.append(f"[{tok}→{guess}]" if guess != tok else f"[{tok}]")
         else:
             words.append(tok)
@@ -110,7 +111,8 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path,
     """Plot the training metrics logged as JSON lines."""
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "step" in r and "loss" in r]
-    keys = [k for k in keys if any(k in r for r in rows)]
+    # A panel that is 0 throughout (the text panels of an image-only run) says nothing: omit it.
+    keys = [k for k in keys if any(r.get(k) for r in rows)] or list(keys[:1])
     fig, axes = new_figure(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(r["step"], r[k]) for r in rows if k in r]

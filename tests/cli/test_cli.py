@@ -46,7 +46,8 @@ def test_pretrain_then_resume(tmp_path):
     (["pretrain", "--out", "X", "train.nope=1"], "unknown TrainConfig field"),
     (["pretrain", "--out", "X", "--config", "/no/such.yaml"], "does not exist"),
     (["pretrain", "--out", "X", "data.source=webdataset", "data.urls=/no/shard-{0..1}.tar",
-      "data.tokenizer=/no/vocab.txt"], "neither a file"),
+      "data.tokenizer=/no/vocab.txt"], "shard(s) do not exist"),  # the data is checked first
+    (["pretrain", "--out", "X", "data.tokenizer=/no/vocab.txt"], "neither a file"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, msg):
     args = [str(tmp_path / a) if a == "X" else a for a in args]

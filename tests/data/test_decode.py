@@ -90,4 +90,4 @@ def test_skip_counter_threshold_names_source():
         c.check()
     c2 = SkipCounter("s", 0.5, 10)
     c2.load_state_dict(c.state_dict())
-    assert c2.as_dict()["skip/missing_file"] == 1
+    assert c2.metrics()["data/skipped/missing_file"] == 1

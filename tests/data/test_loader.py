@@ -125,8 +125,8 @@ def test_too_many_skips_stop_the_run(tmp_path):
 
 
 def test_losses_average_over_samples_that_have_them(tiny_cfg):
-    """A mixture batch: image-only, text-only and paired samples; each loss averages over the
-    samples that carry it, so adding samples without a modality does not dilute it."""
+    """A mixture batch: image-only, text-only and paired samples; the image loss averages over
+    the samples that have an image, so adding text-only samples does not dilute it."""
     torch.manual_seed(0)
     model = M3AE(tiny_cfg).eval()
     b, t = 4, 8
@@ -149,7 +149,10 @@ def test_losses_average_over_samples_that_have_them(tiny_cfg):
     tm = out.text_mask.float()
     per_txt = (ce * tm).sum(1) / tm.sum(1).clamp_min(1)
     has = tm.sum(1) > 0
-    assert torch.allclose(losses.text_loss, per_txt[has].mean(), atol=1e-5)
+    # The text loss follows the official code by default: the sum of per-sample means over the
+    # whole batch (the image-only sample adds 0); text_norm="text" averages over captioned samples.
+    assert torch.allclose(losses.text_loss, per_txt.sum() / b, atol=1e-5)
+    assert torch.allclose(M3AELoss(1.0, 0.5, text_norm="text")(out).text_loss, per_txt[has].mean(), atol=1e-5)
     # A text-only batch (image=None): the image loss is 0, the total is the weighted text loss.
     with torch.no_grad():
         out2 = model(None, text, pad, None, generator=g)

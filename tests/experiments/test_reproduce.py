@@ -69,6 +69,10 @@ def test_smoke_pipeline_runs_reports_and_skips(reproduce, shared_data, tmp_path)
     assert mae["config"]["data"]["paired_fraction"] == 0.0 and m3ae["config"]["data"]["paired_fraction"] == 1.0
     assert mae["config"]["train"]["seed"] == m3ae["config"]["train"]["seed"]
     assert mae["final"]["text_loss"] == 0.0 and m3ae["final"]["text_loss"] > 0  # MAE never saw a caption
+    # The cross-modal diagnostic: the same masked captions with and without the image.
+    diag = m3ae["caption_diag"]
+    assert "caption_diag" not in mae and diag["n"] > 0
+    assert all(0 <= diag[k]["accuracy"] <= 1 and diag[k]["loss"] > 0 for k in ("with_image", "without_image"))
     for r in (mae, m3ae):
         assert 0 <= r["probe"]["top1"] <= 1 and r["probe"]["num_classes"] == 200
         for setting in ("ood_far", "ood_near"):

@@ -93,6 +93,13 @@ def assert_weights_close(a: dict, b: dict, atol: float = 2e-6) -> None:
             assert (x - y).abs().max().item() <= atol, k
 
 
+# What tests/training/test_distributed.py asserts for 2 processes against 1, and README.md
+# quotes: logged values to a relative 1e-5, final weights to an absolute 1e-5 (measured: 6e-7;
+# the attention key biases, whose true gradient is zero, are left out, see assert_weights_close).
+DIST_LOSS_RTOL = 1e-5
+DIST_WEIGHT_ATOL = 1e-5
+
+
 @pytest.fixture(scope="session")
 def h():
     """The helpers above (test modules cannot import conftest under --import-mode=importlib)."""
@@ -100,4 +107,5 @@ def h():
 
     return SimpleNamespace(tiny_config=tiny_config, cli_env=cli_env, pretrain_cmd=pretrain_cmd,
                            torchrun_cmd=torchrun_cmd, run_ok=run_ok, losses=losses, weights=weights,
-                           assert_weights_close=assert_weights_close)
+                           assert_weights_close=assert_weights_close, dist_loss_rtol=DIST_LOSS_RTOL,
+                           dist_weight_atol=DIST_WEIGHT_ATOL)

@@ -100,7 +100,7 @@ def test_cli_reports_divergence_without_traceback(h, tiny, tmp_path, monkeypatch
     rc = main(["pretrain", "--out", str(tmp_path / "cli"), "--no-progress", *tiny, "train.steps=5",
                "train.batch_size=2", "train.max_nonfinite_steps=2"])
     err = capsys.readouterr().err
-    assert rc == 3 and "stopping at step 2" in err and "no checkpoint was written yet" in err
+    assert rc == 3 and "stopping at step 2" in err and "no checkpoint was written before step 1" in err
     assert "Traceback" not in err
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Subcommand modules, in the order `m3ae --help` lists them.
@@ -36,15 +37,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is noticed inside the try
+        return code
+    except (UserError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         if getattr(args, "debug", False):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"m3ae {args.command}: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except BrokenPipeError:
+        # The reader went away (`m3ae ... | head -1`): not an error. Point stdout at devnull so
+        # that the interpreter's last flush does not complain either.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 0
+    except KeyboardInterrupt as e:
+        # A training run says where it saved and how to continue; anything else just stops.
+        print(f"\n{e}" if str(e) else "interrupted", file=sys.stderr)
         return 130
 
 

@@ -9,12 +9,16 @@ DATA_HELP = ("labelled data: 'shapes[:N[:SEED]]' (built-in), an image folder roo
              "WebDataset shards with .cls (globs/brace patterns, several joined by '::')")
 
 
-def add_eval_command(sub, name: str, help: str, description: str, epilog: str = "") -> argparse.ArgumentParser:
+def add_eval_command(sub, name: str, help: str, description: str, epilog: str = "",
+                     out: str | None = None) -> argparse.ArgumentParser:
     """An evaluation subcommand's parser with the arguments every one of them takes
-    (pretrained model, --device, --batch-size, --no-progress, --debug)."""
+    (pretrained model, --device, --batch-size, --no-progress, --debug); ``out`` makes
+    ``--out`` a required argument with that help."""
     p = sub.add_parser(name, help=help, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    if out:
+        p.add_argument("--out", required=True, help=out)
     return p
 
 
@@ -27,8 +31,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token (default) or mean of tokens")
+def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
+    if both:
+        p.add_argument("--pool", default="both", choices=["both", "cls", "mean"],
+                       help="CLS token, mean of tokens, or both (default: both, from one pass; after short "
+                            "training the mean is often the better feature)")
+    else:
+        p.add_argument("--pool", default="cls", choices=["cls", "mean"], help="CLS token (default) or mean of tokens")
     p.add_argument("--block", type=int, default=None,
                    help="take this encoder block's output (0-based, -1 = last) instead of the final output")
     p.add_argument("--cache-dir", default=None,

@@ -18,23 +18,17 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import json
-    import os
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from ..interop.timm import to_timm
-    from ..pretrained import load_pretrained
+    from ..pretrained import load_pretrained, save_safetensors
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the output must be a .safetensors file")
     model = load_pretrained(args.pretrained)
     sd, kwargs = to_timm(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
-    os.replace(tmp, out)
+    save_safetensors(sd, out, metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
     print(f"wrote {out}: timm VisionTransformer, {sum(v.numel() for v in sd.values()):,} parameters")
     print(f"  kwargs: {json.dumps(kwargs)}")
     return 0

@@ -12,10 +12,9 @@ EPILOG = """examples:
 
 def register(sub) -> None:
     p = add_eval_command(sub, "finetune", "fine-tune the encoder (all or last k blocks) as a classifier",
-                         __doc__, EPILOG)
+                         __doc__, EPILOG, out="folder for the classifier and results.json")
     p.add_argument("--train", required=True, help="training split; " + DATA_HELP)
     p.add_argument("--val", required=True, help="evaluation split (same forms)")
-    p.add_argument("--out", required=True, help="folder for the classifier and results.json")
     p.add_argument("--last-blocks", type=int, default=None, help="train only the last K blocks (default: all)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--base-lr", type=float, default=5e-4, help="LR = base-lr * batch / 256 (AdamW)")
@@ -50,11 +49,15 @@ def run(args) -> int:
                    weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                    warmup_epochs=args.warmup_epochs, class_names=names, progress=not args.no_progress,
                    seed=args.seed)
+    def top5(d):  # hidden with 5 classes or fewer, where it is 100% by construction
+        return f"  top-5 {d['top5']:.2%}" if d.get("top5") is not None else ""
+
     for h in res.history:
-        print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  top-1 {h['top1']:.2%}  top-5 {h['top5']:.2%}")
+        print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  top-1 {h['top1']:.2%}{top5(h)}")
     res.classifier.save(args.out)
     what = "all blocks" if args.last_blocks is None else f"last {args.last_blocks} block(s)"
     write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "trained": what,
                                              "train": args.train, "val": args.val}, args)
-    print(f"fine-tuned {what}: top-1 {res.top1:.2%}  top-5 {res.top5:.2%}; classifier in {args.out}")
+    print(f"fine-tuned {what}: top-1 {res.top1:.2%}{top5(res.as_dict())} (chance {res.chance:.2%}); "
+          f"classifier in {args.out}")
     return 0

@@ -1,5 +1,7 @@
-"""m3ae linear-probe: frozen encoder, CLS feature, BatchNorm (no affine) + linear layer; top-1/top-5
-and a kNN check on the evaluation split. Features are cached on disk (model + data hash)."""
+"""m3ae linear-probe: frozen encoder, CLS and mean-pooled features, BatchNorm (no affine) + linear
+layer; top-1/top-5 and a kNN check on the evaluation split, beside chance, a raw-pixel baseline
+and (with --baselines random-init) the same encoder with random weights. Features are cached
+on disk (model + data hash)."""
 from __future__ import annotations
 
 from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
@@ -7,8 +9,9 @@ from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_re
 EPILOG = """examples:
   m3ae linear-probe runs/demo/final --train shapes:2000:0 --val shapes:500:1
   m3ae linear-probe runs/tin/final --train '../shared/data/tiny-imagenet-captions/train-*.tar.gz' \\
-      --val '../shared/data/tiny-imagenet-captions/val-*.tar.gz' --out runs/tin/probe
+      --val '../shared/data/tiny-imagenet-captions/val-*.tar.gz' --out runs/tin/probe --baselines pixels,random-init
 """
+BASELINES = ("pixels", "random-init")
 
 
 def register(sub) -> None:
@@ -22,39 +25,117 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="default 0.1 * probe batch / 256 (SGD, cosine)")
     p.add_argument("--knn-k", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baselines", default="pixels",
+                   help="comma-separated baselines probed the same way: pixels (8x8 average-pooled images; "
+                        "free, default), random-init (the same architecture untrained: one more feature "
+                        "pass, then cached), or none")
     p.add_argument("--out", default=None, help="folder for results.json and probe.safetensors")
-    add_feature_args(p)
+    add_feature_args(p, both=True)
     p.set_defaults(func=run)
 
 
-def features_for(args, spec: str, limit, desc: str):
+def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None):
     from ..evaluation.data import load_labelled
     from ..evaluation.features import cached_features, resolve_device
     from ..pretrained import read_model_config
 
-    size = read_model_config(args.model).image_size
-    return cached_features(args.model, load_labelled(spec, size, limit=limit), pool=args.pool, block=args.block,
-                           batch_size=args.batch_size, cache_dir=args.cache_dir, progress=not args.no_progress,
-                           device=resolve_device(args.device), desc=desc)
+    model_dir = model_dir or args.model
+    size = read_model_config(model_dir).image_size
+    return cached_features(model_dir, load_labelled(spec, size, limit=limit), pool=pool or args.pool,
+                           block=args.block, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                           progress=not args.no_progress, device=resolve_device(args.device), desc=desc)
+
+
+def random_init_model(model_dir, cache_dir, seed: int):
+    """The model's architecture with fresh random weights, saved once in the cache (so its
+    features are cached like any model's)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import torch
+
+    from ..evaluation.features import default_cache_dir
+    from ..model import M3AE
+    from ..pretrained import read_model_config, save_pretrained
+
+    cfg = read_model_config(model_dir)
+    tag = hashlib.sha1(json.dumps([asdict(cfg), seed], sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()).parent / "random-init" / tag
+    if not (path / "model.safetensors").is_file():
+        torch.manual_seed(seed)
+        save_pretrained(M3AE(cfg), path)
+    return path
+
+
+def _row(name: str, r, with_top5: bool) -> str:
+    five = lambda v: f"{v:>7.2%}" if v is not None else f"{'':>7}"  # noqa: E731
+    cells = f"{r.top1:>11.2%}" + (five(r.top5) if with_top5 else "") + f"{r.knn_top1:>11.2%}"
+    return f"  {name:<26}{cells}" + (five(r.knn_top5) if with_top5 else "")
 
 
 def run(args) -> int:
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
 
+    from ..evaluation.data import data_name
     from ..evaluation.linear_probe import linear_probe
+    from ..pretrained import save_safetensors
 
-    train = features_for(args, args.train, args.limit_train, "train features")
-    val = features_for(args, args.val, args.limit_val, "val features")
-    res = linear_probe(train, val, epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr,
-                       knn_k=args.knn_k, seed=args.seed)
-    print(f"linear probe: top-1 {res.top1:.2%}  top-5 {res.top5:.2%}   kNN (k={args.knn_k}): top-1 "
-          f"{res.knn_top1:.2%}  top-5 {res.knn_top5:.2%}   ({res.num_train} train / {res.num_eval} eval, "
-          f"{res.num_classes} classes, chance {res.chance:.2%})")
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
+    bad = sorted(set(baselines) - set(BASELINES))
+    if bad:
+        raise ValueError(f"--baselines takes {', '.join(BASELINES)} or none; got {', '.join(bad)}")
+    pools = ("cls", "mean") if args.pool == "both" else (args.pool,)
+    train = features_for(args, args.train, args.limit_train, "train features", pool=pools)
+    val = features_for(args, args.val, args.limit_val, "val features", pool=pools)
+    progress = not args.no_progress
+
+    def probe(tr, va, what):
+        # Probe training is 90 epochs on cached features (seconds to minutes): say what runs.
+        tqdm.write(f"{what}: linear probe ({args.epochs} epochs on {len(tr)} x {tr.features.shape[1]} "
+                   f"features) and kNN (k={args.knn_k})")
+        return linear_probe(tr, va, epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr,
+                            knn_k=args.knn_k, seed=args.seed, progress=progress, desc=what)
+
+    results = {p: probe(train[p], val[p], f"{p} pooling") for p in pools}
+    extra = {}
+    if "pixels" in baselines:
+        tr, va = train[pools[0]], val[pools[0]]
+        if tr.pixels is None or va.pixels is None:
+            tqdm.write("raw-pixel baseline skipped: cached features from an older m3ae hold no pixels")
+        else:
+            from ..evaluation.features import Features
+
+            extra["raw pixels (8x8)"] = probe(Features(tr.pixels, tr.labels, tr.keys, tr.class_names),
+                                              Features(va.pixels, va.labels, va.keys, va.class_names), "raw pixels")
+    if "random-init" in baselines:
+        rdir = random_init_model(args.model, args.cache_dir, args.seed)
+        rtr = features_for(args, args.train, args.limit_train, "random-init train features", rdir, pools[0])
+        rva = features_for(args, args.val, args.limit_val, "random-init val features", rdir, pools[0])
+        extra[f"random init ({pools[0]})"] = probe(rtr, rva, "random init")
+
+    first = results[pools[0]]
+    with_top5 = first.top5 is not None
+    head = "probe top-1" + (" top-5" if with_top5 else "") + "  kNN top-1" + (" top-5" if with_top5 else "")
+    print(f"linear probe on {data_name(args.val)} ({first.num_train} train / {first.num_eval} eval, "
+          f"{first.num_classes} classes)")
+    print(f"  {'':<26}{head}")
+    for p, r in results.items():
+        print(_row(f"{p} pooling", r, with_top5))
+    for name, r in extra.items():
+        print(_row(name, r, with_top5))
+    print(f"  {'chance':<26}{first.chance:>11.2%}")
     if args.out:
-        write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "train": args.train,
-                                                 "val": args.val, "pool": args.pool, "block": args.block}, args)
-        save_file(res.probe.state_dict(), str(Path(args.out) / "probe.safetensors"))
+        baseline_json = {"chance": first.chance, **{k: v.as_dict() for k, v in extra.items()}}
+        write_results(args.out, "results.json", {
+            **first.as_dict(), "pool": pools[0], "by_pool": {p: r.as_dict() for p, r in results.items()},
+            "baselines": baseline_json, "model": str(args.model), "train": args.train, "val": args.val,
+            "block": args.block}, args)
+        for i, (p, r) in enumerate(results.items()):
+            save_safetensors(r.probe.state_dict(), Path(args.out) / ("probe.safetensors" if i == 0 else
+                                                                     f"probe_{p}.safetensors"))
         print(f"wrote {Path(args.out) / 'results.json'}")
     return 0

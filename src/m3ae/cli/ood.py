@@ -14,11 +14,10 @@ EPILOG = """example (the paper's CIFAR-100 vs CIFAR-10 has the same shape):
 
 def register(sub) -> None:
     p = add_eval_command(sub, "ood", "OOD detection: Mahalanobis and MSP, AUROC / FPR@95 and ROC curves",
-                         __doc__, EPILOG)
+                         __doc__, EPILOG, out="folder for results.json and roc.png")
     p.add_argument("--id-train", required=True, help="in-distribution training data (labelled); " + DATA_HELP)
     p.add_argument("--id-test", required=True, help="in-distribution test data")
     p.add_argument("--ood", required=True, help="out-of-distribution test data (labels not needed)")
-    p.add_argument("--out", required=True, help="folder for results.json and roc.png")
     p.add_argument("--classifier", default=None, help="fine-tuned classifier folder (m3ae finetune --out) for MSP; "
                                                       "default: a linear probe trained on --id-train")
     p.add_argument("--limit-train", type=int, default=None)
@@ -32,6 +31,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..evaluation.data import data_name
     from ..evaluation.ood import ood_scores, plot_roc
     from .linear_probe import features_for
 
@@ -57,7 +57,8 @@ def run(args) -> int:
         print(f"{name:12s} AUROC {m['auroc']:.4f}  FPR@95%TPR {m['fpr95']:.4f}")
     print(f"(in-distribution: {len(id_test)} test samples, OOD: {len(ood)}; MSP from the {msp_from}"
           + (f", whose in-distribution top-1 is {res.id_accuracy:.2%})" if res.id_accuracy is not None else ")"))
-    png = plot_roc(res, Path(args.out) / "roc.png", title=f"in: {Path(args.id_test).name}  vs  OOD: {Path(args.ood).name}")
+    png = plot_roc(res, Path(args.out) / "roc.png",
+                   title=f"in: {data_name(args.id_test)}  vs  OOD: {data_name(args.ood)}")
     write_results(args.out, "results.json", {"metrics": res.metrics, "id_accuracy": res.id_accuracy,
                                              "msp_from": msp_from, "num_id": len(id_test), "num_ood": len(ood),
                                              "model": str(args.model), "id_train": args.id_train,

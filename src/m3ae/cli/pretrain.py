@@ -6,7 +6,8 @@ from .common import add_config_args, config_from_args
 EPILOG = """examples:
   m3ae pretrain --preset tiny --out runs/tiny train.steps=500
   m3ae pretrain --preset base --out runs/cc --config cc12m.yaml train.precision=bf16
-  m3ae pretrain --out runs/tiny --resume latest          # continue an interrupted run
+  m3ae pretrain --out runs/tiny --resume latest          # continue an interrupted run (also after Ctrl-C)
+  m3ae pretrain --preset tiny --out runs/tiny --overwrite  # start again, deleting the old run
   torchrun --nproc-per-node 8 -m m3ae pretrain --preset base --out runs/cc train.batch_size=64
   torchrun --nproc-per-node 8 --max-restarts 3 -m m3ae pretrain ...   # restarted workers resume
   m3ae pretrain --preset tiny --out runs/tin data.source=webdataset \\
@@ -22,7 +23,11 @@ def register(sub) -> None:
     add_config_args(p, default_preset="tiny")
     p.add_argument("--out", required=True, help="run folder (config, metrics, checkpoints, pictures)")
     p.add_argument("--resume", default=None,
-                   help="'latest' (newest checkpoint in --out) or a checkpoint folder")
+                   help="'latest' (newest checkpoint in --out; a new run when there is none) or a "
+                        "checkpoint folder RUN/checkpoints/step_N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (checkpoints, final/, metrics) and start again; "
+                        "without it, pretrain refuses a folder that holds a run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -46,7 +51,8 @@ def run(args) -> int:
 
     main = env_rank_info()[0] == 0
     try:
-        result = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        result = pretrain(cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                          overwrite=args.overwrite)
     except TrainingDiverged as e:
         if args.debug:
             raise
@@ -54,5 +60,6 @@ def run(args) -> int:
             print(f"m3ae pretrain: {e}", file=sys.stderr)
         return 3
     if main:
-        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}")
+        print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}; "
+              f"data: {result.data_summary}")
     return 0

@@ -20,7 +20,7 @@ def register(sub) -> None:
     p.add_argument("--what", default=",".join(WHAT), help="comma-separated subset of recon,attention,tsne")
     p.add_argument("-n", "--num-images", type=int, default=6, help="rows in the reconstruction/attention pictures")
     p.add_argument("--word", default=None, help="caption word whose attention over the image is shown "
-                                                "(default: each caption's last word)")
+                                                "(default: each caption's last content word, e.g. the noun)")
     p.add_argument("--patch", type=int, default=None, help="patch index (row-major) whose attention over the "
                                                            "caption is shown (default: the centre)")
     p.add_argument("--layer", default="rollout", help="'rollout' (default) or an encoder layer index")
@@ -37,7 +37,7 @@ def run(args) -> int:
     import torch
 
     from ..evaluation.attention import save_attention_figure
-    from ..evaluation.data import load_labelled, make_loader
+    from ..evaluation.data import data_name, load_labelled, make_loader
     from ..evaluation.features import extract_features, load_model, resolve_device
     from ..evaluation.tsne import save_tsne
     from ..visualize import save_reconstruction_grid
@@ -75,7 +75,8 @@ def run(args) -> int:
             feats = extract_features(m, make_loader(data, batch_size=args.batch_size), progress=not args.no_progress,
                                      class_names=data.class_names, desc=f"features {i + 1}")
             panels.append((names[i] if i < len(names) else Path(path).name, feats))
-        written.append(save_tsne(panels, out / "tsne.png", seed=args.seed))
+        title = f"t-SNE of encoder features: {data_name(args.data)}, {len(panels[0][1])} samples"
+        written.append(save_tsne(panels, out / "tsne.png", seed=args.seed, title=title))
     for w in written:
         print(f"wrote {w}")
     return 0

@@ -19,26 +19,36 @@ def register(sub) -> None:
     p.add_argument("--normalize", default="mean", choices=["mean", "sum"],
                    help="mean (default) or sum of the class tokens' log-likelihoods")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--out", default=None, help="folder for results.json")
+    p.add_argument("--out", default=None, help="folder for results.json and confusion.png")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..evaluation.data import load_labelled, make_loader
     from ..evaluation.features import load_model, resolve_device
-    from ..evaluation.zero_shot import zero_shot_classify
+    import sys
+    from pathlib import Path
+
+    from ..evaluation.data import data_name
+    from ..evaluation.zero_shot import class_name_warnings, plot_confusion, zero_shot_classify
 
     model, te = load_model(args.model, resolve_device(args.device), need_tokenizer=True)
     data = load_labelled(args.data, model.config.image_size, limit=args.limit)
     names = [c.strip() for c in args.classes.split(",")] if args.classes else data.class_names
     if not names:
         raise ValueError("no class names: pass --classes or put a classes.txt beside the shards")
+    for w in class_name_warnings(te, names):  # before the long part: the user may want to stop
+        print(f"warning: {w}", file=sys.stderr)
     res = zero_shot_classify(model, te, make_loader(data, batch_size=args.batch_size), names, args.template,
                              args.normalize, progress=not args.no_progress)
     print(f"zero-shot accuracy {res.accuracy:.2%} (calibrated by the no-image prior: "
           f"{res.accuracy_calibrated:.2%}); chance {res.chance:.2%}, majority class {res.majority:.2%}; "
           f"{res.num_samples} samples")
     print("predicted:", ", ".join(f"{k} {v}" for k, v in res.per_class_predictions.items()))
-    write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "data": args.data,
-                                             "template": args.template, "normalize": args.normalize}, args)
+    if args.out:
+        write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "data": args.data,
+                                                 "template": args.template, "normalize": args.normalize}, args)
+        png = plot_confusion(res, names, Path(args.out) / "confusion.png",
+                             title=f"zero-shot on {data_name(args.data)}: {res.accuracy:.1%} (chance {res.chance:.1%})")
+        print(f"wrote {Path(args.out) / 'results.json'} and {png}")
     return 0

@@ -12,6 +12,7 @@ described in :mod:`m3ae.data.loader`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from functools import partial
 
@@ -108,8 +109,8 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: in
     iterable :class:`StreamDataset` (shards, mixtures). ``batch_size`` is needed for a
     mixture with ``mixture_mode=batch``."""
     rank, world_size = dist_info(rank, world_size)
-    transform = (PretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right)
-                 if train else EvalTransform(image_size))
+    transform = (PretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right,
+                                   cfg.flip_word_pairs) if train else EvalTransform(image_size))
     if cfg.source == "synthetic":
         fn = _compose(partial(_apply_paired_fraction, paired_fraction=cfg.paired_fraction), transform)
         return MapDataset(ShapesDataset(cfg.synthetic_size, image_size, cfg.synthetic_seed), fn)
@@ -146,15 +147,35 @@ def source_captions(cfg: DataConfig, limit: int = 20000):
             return
 
 
+def has_captions(cfg: DataConfig, scan: int = 200) -> bool:
+    """Whether the configured source(s) hold any caption; shards are judged by their first
+    ``scan`` samples (an image-only set such as CIFAR-10 in shards has none)."""
+    for e in _entries(cfg):
+        if e.source == "synthetic":
+            return True
+        src = _open(e, 0, train=False)
+        if isinstance(src, ShardSource):
+            if any("txt" in r or "json" in r for r in itertools.islice(src._raw(iter(src.shards)), scan)):
+                return True
+        elif next(iter(src.captions(limit=1)), None) is not None:
+            return True
+    return False
+
+
 def build_text_encoder(cfg: DataConfig) -> TextEncoder:
     """The configured tokenizer (nothing is downloaded). The built-in data has a fixed
-    vocabulary; ``tokenizer=from-data`` trains WordPiece on the source's captions."""
-    if cfg.tokenizer == "from-data":
+    vocabulary; ``tokenizer=from-data`` trains WordPiece on the source's captions. Data
+    without any caption (image-only pre-training, i.e. MAE) needs no tokenizer: unless one
+    is named, it gets a vocabulary of the special tokens alone."""
+    if cfg.tokenizer in ("", "from-data") and cfg.source != "synthetic" and not has_captions(cfg):
+        tok = from_vocab(list(SPECIAL_TOKENS))
+    elif cfg.tokenizer == "from-data":
         caps = list(source_captions(cfg))
         if not caps:
             raise DataError(f"data.tokenizer=from-data: data source {cfg.source} {cfg.urls!r} has no captions "
                             "to train a tokenizer on; pass data.tokenizer=PATH")
-        tok = train_wordpiece(caps, vocab_size=cfg.tokenizer_vocab_size)
+        tok = train_wordpiece(caps, vocab_size=cfg.tokenizer_vocab_size, cased=cfg.tokenizer_cased,
+                              keep_accents=cfg.tokenizer_keep_accents)
     elif cfg.tokenizer:
         tok = load_tokenizer(cfg.tokenizer)
     elif cfg.source == "synthetic":
@@ -167,16 +188,17 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
 
 def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEncoder, batch_size: int,
                           seed: int = 0, train: bool = True, *, rank: int | None = None,
-                          world_size: int | None = None) -> PretrainLoader:
+                          world_size: int | None = None, dataset=None) -> PretrainLoader:
     """Batches for pre-training on this rank (rank/world size default to torch.distributed's).
 
     A map-style source gets an :class:`EpochSampler` (``loader.sampler``) whose position the
     trainer saves and restores; every source supports ``loader.state_dict()`` /
-    ``loader.load_state_dict()``. Skips are counted in ``loader.skips``.
+    ``loader.load_state_dict()``. Skips are counted in ``loader.skips``. ``dataset``: the
+    result of :func:`build_dataset` with the same arguments, when the caller built it already.
     """
     rank, world_size = dist_info(rank, world_size)
-    ds = build_dataset(cfg, image_size, train=train, seed=seed, rank=rank, world_size=world_size,
-                       batch_size=batch_size)
+    ds = dataset if dataset is not None else build_dataset(cfg, image_size, train=train, seed=seed, rank=rank,
+                                                           world_size=world_size, batch_size=batch_size)
     workers = cfg.num_workers
     sampler = None
     if isinstance(ds, StreamDataset):

@@ -6,7 +6,8 @@ A batch is a dict with:
 - ``text`` (B, T) long and ``text_padding_mask`` (B, T) bool (True = padding), or None when
   no sample has a caption (a sample without one is all padding);
 - ``label`` (B,) long (-1 where unknown) and ``key`` (list of str);
-- ``num_read`` (int): samples read for this batch, including skipped ones;
+- ``num_read`` (int): samples read for this batch, including skipped ones (not the markers
+  of damaged shards, which are no samples);
 - ``data_events`` (list of ``(kind, reason, key)``, kind "skip" or "fix"): what went wrong
   while reading them, carried back from the worker process to the loader's counter;
 - ``stream_pos`` ``(worker id, items handed out)`` for stream sources (resume bookkeeping).
@@ -28,7 +29,7 @@ class Collator:
     def __call__(self, samples: list[dict]) -> dict:
         events = [e for s in samples for e in s.get("_events", ())]
         positions = [s["_pos"] for s in samples if "_pos" in s]
-        num_read = len(samples)
+        num_read = sum(not s.get("_marker") for s in samples)  # a damaged shard's marker is no sample
         samples = [s for s in samples if "_skip" not in s]
         batch: dict = {"key": [s.get("key", "") for s in samples], "num_read": num_read, "data_events": events}
         if positions:  # one worker builds a whole batch, so they share the worker id

@@ -24,11 +24,14 @@ log = logging.getLogger("m3ae.data")
 
 
 class BadSample(Exception):
-    """A sample that must be skipped: ``reason`` is a short counter name, ``key`` names it."""
+    """A sample that must be skipped: ``reason`` is a short counter name, ``key`` names it.
 
-    def __init__(self, reason: str, key: str, detail: str = ""):
+    ``sample=False`` marks damage that is not a sample of its own (a cut or unreadable
+    shard): it is counted per shard, but not as a sample read or skipped."""
+
+    def __init__(self, reason: str, key: str, detail: str = "", sample: bool = True):
         super().__init__(f"{reason}: {key}" + (f" ({detail})" if detail else ""))
-        self.reason, self.key, self.detail = reason, key, detail
+        self.reason, self.key, self.detail, self.sample = reason, key, detail, sample
 
 
 class DataError(ValueError):
@@ -141,19 +144,27 @@ def clean_caption(raw, key: str, max_chars: int, events: list) -> str | None:
 
 
 class SkipCounter:
-    """Counts of skipped samples and of repairs, per reason, with an example key for each.
+    """Counts of skipped samples, of repairs and of damaged shards, per reason, with the first
+    few offending keys of each reason.
 
-    The loader calls :meth:`add` with the events each batch carries; the trainer can show
-    :meth:`summary` in its progress bar or log. :meth:`check` raises :class:`DataError` once
-    more than ``max_fraction`` of the samples read (after ``min_seen`` of them) were skipped.
+    An event is ``(kind, reason, key)``: kind ``"skip"`` (a sample read and dropped), ``"fix"``
+    (a sample repaired and kept) or ``"shard"`` (a shard that was cut or could not be opened:
+    not a sample, so it is not counted in :attr:`seen`). The loader calls :meth:`add` with the
+    events each batch carries; :meth:`metrics`, :meth:`postfix` and :meth:`summary` report
+    them, and :meth:`merged` adds up the counters of several ranks. :meth:`check` raises
+    :class:`DataError` once more than ``max_fraction`` of the samples read were skipped
+    (judged from ``min_seen`` samples on, and at every epoch end whatever the number).
     """
+
+    max_examples = 3  # keys kept per reason: enough to find the files, bounded in size
 
     def __init__(self, source: str = "", max_fraction: float = 1.0, min_seen: int = 200):
         self.source, self.max_fraction, self.min_seen = source, max_fraction, min_seen
         self.seen = 0
         self.skipped: Counter = Counter()
         self.fixed: Counter = Counter()
-        self.examples: dict[str, str] = {}
+        self.shards: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
 
     @property
     def num_skipped(self) -> int:
@@ -162,35 +173,69 @@ class SkipCounter:
     def add(self, events, seen: int = 0) -> None:
         self.seen += seen
         for kind, reason, key in events:
-            (self.skipped if kind == "skip" else self.fixed)[reason] += 1
-            if reason not in self.examples:
-                self.examples[reason] = key
-                level = logging.WARNING if kind == "skip" else logging.INFO
-                log.log(level, "%s %s: %s (first of its kind; further ones are counted)",
-                        "skipped sample" if kind == "skip" else "repaired sample", reason, key)
+            {"skip": self.skipped, "fix": self.fixed, "shard": self.shards}[kind][reason] += 1
+            keys = self.examples.setdefault(reason, [])
+            first = not keys
+            if len(keys) < self.max_examples and key not in keys:  # a bad file recurs every epoch
+                keys.append(key)
+            # The first of each reason is a warning; the rest are counted, and named at DEBUG.
+            level = logging.DEBUG if not first else logging.INFO if kind == "fix" else logging.WARNING
+            log.log(level, "%s %s: %s", {"skip": "skipped sample", "fix": "repaired sample",
+                                         "shard": "damaged shard"}[kind], reason, key)
 
     def state_dict(self) -> dict:
         return {"seen": self.seen, "skipped": dict(self.skipped), "fixed": dict(self.fixed),
-                "examples": dict(self.examples)}
+                "shards": dict(self.shards), "examples": {k: list(v) for k, v in self.examples.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen = state["seen"]
         self.skipped, self.fixed = Counter(state["skipped"]), Counter(state["fixed"])
-        self.examples = dict(state["examples"])
+        self.shards = Counter(state.get("shards", {}))
+        # Checkpoints of earlier versions kept one example key per reason, as a string.
+        self.examples = {k: [v] if isinstance(v, str) else list(v) for k, v in state["examples"].items()}
 
-    def as_dict(self) -> dict:
-        """Flat numbers for a metrics line: ``{"data_seen": .., "skip/bad_image": ..}``."""
-        out = {"data_seen": self.seen, "data_skipped": self.num_skipped}
-        out.update({f"skip/{k}": v for k, v in self.skipped.items()})
-        out.update({f"fix/{k}": v for k, v in self.fixed.items()})
+    @classmethod
+    def merged(cls, states: list[dict], source: str = "") -> SkipCounter:
+        """One counter for several (ranks' counters' ``state_dict()``s): counts add up."""
+        total = cls(source)
+        for st in states:
+            total.seen += st["seen"]
+            for name in ("skipped", "fixed", "shards"):
+                getattr(total, name).update(st.get(name, {}))
+            for reason, keys in st["examples"].items():
+                have = total.examples.setdefault(reason, [])
+                for key in [keys] if isinstance(keys, str) else keys:
+                    if len(have) < cls.max_examples and key not in have:
+                        have.append(key)
+        return total
+
+    def metrics(self) -> dict:
+        """Numbers for a metrics row: ``data/seen`` (samples read), ``data/skipped`` and
+        ``data/skipped/<reason>`` (their sum), ``data/repaired/<reason>``,
+        ``data/damaged_shards/<reason>``, and ``data/examples`` (reason -> first keys)."""
+        out = {"data/seen": self.seen, "data/skipped": self.num_skipped}
+        out.update({f"data/skipped/{k}": v for k, v in sorted(self.skipped.items())})
+        out.update({f"data/repaired/{k}": v for k, v in sorted(self.fixed.items())})
+        out.update({f"data/damaged_shards/{k}": v for k, v in sorted(self.shards.items())})
+        if self.examples:
+            out["data/examples"] = {k: list(v) for k, v in sorted(self.examples.items())}
         return out
 
+    def postfix(self) -> str:
+        """Short per-reason counts for a progress bar ("" when nothing went wrong)."""
+        parts = [f"{r} {n}" for r, n in self.skipped.most_common()]
+        parts += [f"{r} {n}" for r, n in self.shards.most_common()]
+        return ", ".join(parts)
+
     def summary(self) -> str:
-        if not self.skipped and not self.fixed:
+        if not (self.skipped or self.fixed or self.shards):
             return f"read {self.seen}, nothing skipped"
         parts = [f"read {self.seen}, skipped {self.num_skipped} "
                  f"({100 * self.num_skipped / max(self.seen, 1):.2f}%)"]
-        parts += [f"{r} {n} (e.g. {self.examples[r]})" for r, n in self.skipped.most_common()]
+        parts += [f"{r} {n} (e.g. {', '.join(self.examples.get(r, []))})" for r, n in self.skipped.most_common()]
+        if self.shards:
+            parts.append("damaged shards: " + ", ".join(
+                f"{r} {n} (e.g. {', '.join(self.examples.get(r, []))})" for r, n in self.shards.most_common()))
         if self.fixed:
             parts.append("repaired: " + ", ".join(f"{r} {n}" for r, n in self.fixed.most_common()))
         return "; ".join(parts)

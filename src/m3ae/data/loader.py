@@ -27,7 +27,8 @@ that the :class:`~m3ae.data.collate.Collator` drops; the batch carries the event
 (``batch["data_events"]``) back from the worker process and the loader adds them to
 ``loader.skips`` (a :class:`~m3ae.data.decode.SkipCounter`), which raises once more than
 ``data.max_skip_fraction`` of the samples were skipped. A batch whose samples were all bad is
-not yielded.
+not yielded. A damaged shard becomes one marker too (it keeps the stream positions right for
+resume), counted as a damaged shard but not as a sample read or skipped.
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def process(read: Callable, item, fn: Callable | None, seed: int | None = None) 
         try:
             sample = read(item)
         except BadSample as e:
+            if not e.sample:  # a damaged shard: counted, but it is not a sample read
+                return {"key": e.key, "_skip": e.reason, "_marker": True, "_events": [("shard", e.reason, e.key)]}
             return {"key": e.key, "_skip": e.reason, "_events": [("skip", e.reason, e.key)]}
         return fn(sample) if fn is not None else sample
 
@@ -210,7 +213,7 @@ class StreamDataset(IterableDataset):
             seed = zlib.crc32(f"{self.seed}/{self.epoch}/{slot}/{pos}".encode())
             sample = process(stream.decode, item, fn, seed)
             if self.skips is not None:
-                self.skips.add(sample.pop("_events", ()), seen=1)
+                self.skips.add(sample.pop("_events", ()), seen=0 if sample.get("_marker") else 1)
                 if "_skip" in sample:
                     continue
             sample["_pos"] = (wid, pos + 1)
@@ -272,8 +275,8 @@ class PretrainLoader(DataLoader):
             if batch["key"]:
                 good += len(batch["key"])
                 yield batch
-        self.skips.check(force=True)
-        if self._read and not good:
+        self.skips.check(force=True)  # also judged at every epoch end, however few were read
+        if not good and (self._read or self.skips.shards):
             raise DataError(f"data source {self.skips.source}: every sample read was skipped: {self.skips.summary()}")
         if self.is_stream:
             self._epoch, self._worker_pos = self._epoch + 1, {}

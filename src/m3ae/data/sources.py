@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .decode import BadSample, DataError, DataNotFound, clean_caption, decode_image
+from .decode import BadSample, DataError, DataNotFound, clean_caption, decode_image, log
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "filename", "jpg")
@@ -51,7 +51,13 @@ def _require(path: str, what: str, kind: str = "file") -> Path:
     return p
 
 
-def _pick_column(wanted: str, found: list[str], candidates: tuple[str, ...], what: str, where: str) -> str:
+def _looks_like_data(names: list[str]) -> bool:
+    """True when 'column names' look like a data row: an image file name or a long sentence."""
+    return any(str(n).lower().endswith(IMAGE_SUFFIXES) or len(str(n).split()) > 3 for n in names)
+
+
+def _pick_column(wanted: str, found: list[str], candidates: tuple[str, ...], what: str, where: str,
+                 option: str = "") -> str:
     if wanted:
         if wanted not in found:
             raise DataError(f"{where} has no column {wanted!r} for the {what}; its columns are {found}")
@@ -59,8 +65,12 @@ def _pick_column(wanted: str, found: list[str], candidates: tuple[str, ...], wha
     for c in candidates:
         if c in found:
             return c
-    raise DataError(f"{where}: no {what} column found among {found}; name it with the data option "
-                    f"for the {what} column (tried {list(candidates)})")
+    if _looks_like_data(found):
+        raise DataError(f"{where}: the header line seems to be missing (its first line {found} looks like "
+                        f"data). Add a header line such as 'image,caption' as its first line (data.image_column and "
+                        f"data.caption_column then name the columns if you call them differently)")
+    raise DataError(f"{where}: no {what} column found among {found} (tried {list(candidates)}); "
+                    f"name it with {option or 'the data option for that column'}")
 
 
 # --------------------------------------------------------------------------------- HDF5
@@ -187,9 +197,12 @@ class TableSource(IndexedSource):
         if not rows:
             raise DataError(f"table {path} has no rows")
         where = f"table {path}"
-        self.image_column = _pick_column(image_column, cols, IMAGE_COLUMNS, "image path", where)
-        self.caption_column = (_pick_column(caption_column, cols, CAPTION_COLUMNS, "caption", where)
+        self.image_column = _pick_column(image_column, cols, IMAGE_COLUMNS, "image path", where,
+                                         "data.image_column")
+        self.caption_column = (_pick_column(caption_column, cols, CAPTION_COLUMNS, "caption", where,
+                                            "data.caption_column")
                                if caption_column or any(c in cols for c in CAPTION_COLUMNS) else "")
+        rows = self._repair_extra_fields(rows, cols, "\t" if ".tsv" in [x.lower() for x in p.suffixes] else ",", where)
         grouped: dict[str, list] = {}
         for r in rows:
             img = r.get(self.image_column)
@@ -210,6 +223,34 @@ class TableSource(IndexedSource):
             raise DataError(f"table {path}: none of the first {len(checked)} images exists, e.g. "
                             f"{str(self._resolve(checked[0]))!r}; image paths are read relative to the "
                             f"table's folder {str(self.root)!r}")
+
+    def _repair_extra_fields(self, rows: list[dict], cols: list[str], sep: str, where: str) -> list[dict]:
+        """CSV rows with more fields than the header (a caption with unquoted commas): when the
+        caption is the last column, its pieces are joined back; otherwise the row is dropped.
+        Both are counted in ``self.repairs`` and reported once, never done silently."""
+        self.repairs = {"extra_fields_joined": 0, "malformed_row": 0}
+        kept, example = [], None
+        for n, r in enumerate(rows, 2):  # line 1 is the header
+            extra = r.pop(None, None) if isinstance(r, dict) else None
+            if not extra:
+                kept.append(r)
+                continue
+            example = example or n
+            if self.caption_column and cols and self.caption_column == cols[-1]:
+                r[self.caption_column] = sep.join([r.get(self.caption_column) or ""] + list(extra))
+                self.repairs["extra_fields_joined"] += 1
+                kept.append(r)
+            else:
+                self.repairs["malformed_row"] += 1
+        if self.repairs["extra_fields_joined"]:
+            log.warning("%s: %d row(s) have more fields than the header (unquoted %r in a caption?), e.g. "
+                        "line %d; the extra fields were joined into the caption column %r. Quote such "
+                        "captions to silence this.", where, self.repairs["extra_fields_joined"], sep, example,
+                        self.caption_column)
+        if self.repairs["malformed_row"]:
+            log.warning("%s: %d malformed row(s) with more fields than the header were skipped, e.g. line %d "
+                        "(quote fields that hold %r)", where, self.repairs["malformed_row"], example, sep)
+        return kept
 
     def _resolve(self, rel: str) -> Path:
         p = Path(rel).expanduser()
@@ -300,7 +341,7 @@ class TextSource(IndexedSource):
         for f in files:
             if f.suffix == ".jsonl":
                 cols, rows = _read_table(f)
-                col = _pick_column(text_column, cols, CAPTION_COLUMNS, "text", f"{f}")
+                col = _pick_column(text_column, cols, CAPTION_COLUMNS, "text", f"{f}", "data.text_column")
                 texts = [r.get(col) for r in rows]
             else:
                 with open(f, encoding="utf-8", errors="replace") as fh:

@@ -1,10 +1,12 @@
 """Image and caption transforms: MAE's pre-training augmentation, caption-aware flips.
 
 A horizontal flip swaps left and right in the picture, so a caption that says "on the left"
-would become false. When ``swap_left_right`` is on (the default), every flip also swaps the
-words "left" and "right" (whole words, any case) in the caption. This is exact for the
-built-in data; in web captions it can misfire where "right" means "correct", which is rare
-and cheaper than teaching the model wrong spatial words half of the time.
+would become false. When ``swap_captions`` is on (the default), every flip also swaps the
+words of each pair in ``word_pairs`` (whole words, any case) in the caption: "left" and
+"right" by default, which is English only; give other languages' pairs through
+``data.flip_word_pairs``. This is exact for the built-in data; in web captions it can misfire
+where "right" means "correct", which is rare and cheaper than teaching the model wrong
+spatial words half of the time.
 """
 from __future__ import annotations
 
@@ -18,17 +20,36 @@ from torchvision.transforms import functional as TF
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+DEFAULT_WORD_PAIRS = (("left", "right"),)
 
 
-def swap_left_right(caption: str) -> str:
-    def repl(m: re.Match) -> str:
-        word = m.group(0)
-        other = "right" if word.lower() == "left" else "left"
-        if word.isupper():
-            return other.upper()
-        return other.capitalize() if word[0].isupper() else other
-    return _LEFT_RIGHT.sub(repl, caption)
+class WordSwapper:
+    """Swap the two words of each pair (whole words, any case, keeping the case style)."""
+
+    def __init__(self, pairs=DEFAULT_WORD_PAIRS):
+        self.other: dict[str, str] = {}
+        for pair in pairs:
+            if len(pair) != 2 or not all(isinstance(w, str) and w.strip() for w in pair):
+                raise ValueError(f"data.flip_word_pairs: each entry must be two words, got {pair!r}")
+            a, b = (w.strip().lower() for w in pair)
+            self.other[a], self.other[b] = b, a
+        words = sorted(self.other, key=len, reverse=True)
+        self.pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else None
+
+    def __call__(self, caption: str) -> str:
+        if self.pattern is None:
+            return caption
+
+        def repl(m: re.Match) -> str:
+            word = m.group(0)
+            other = self.other[word.lower()]
+            if word.isupper() and len(word) > 1:
+                return other.upper()
+            return other[:1].upper() + other[1:] if word[0].isupper() else other
+        return self.pattern.sub(repl, caption)
+
+
+swap_left_right = WordSwapper()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -52,12 +73,13 @@ class PretrainTransform:
     """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, caption-aware."""
 
     def __init__(self, image_size: int, crop_scale=(0.2, 1.0), hflip: float = 0.5,
-                 swap_captions: bool = True):
+                 swap_captions: bool = True, word_pairs=DEFAULT_WORD_PAIRS):
         self.image_size = image_size
         self.crop = RandomResizedCrop(image_size, scale=tuple(crop_scale),
                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
         self.hflip = hflip
         self.swap_captions = swap_captions
+        self.swap_words = WordSwapper(word_pairs)
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)
@@ -68,7 +90,7 @@ class PretrainTransform:
         if self.hflip > 0 and torch.rand(()) < self.hflip:
             img = TF.hflip(img)
             if self.swap_captions and sample.get("caption"):
-                sample["caption"] = swap_left_right(sample["caption"])
+                sample["caption"] = self.swap_words(sample["caption"])
         sample["image"] = normalize(TF.to_tensor(img))
         return sample
 

@@ -13,8 +13,8 @@ reads shards ``s, s+n, ...`` and passes them through a shuffle buffer seeded by
 what lets a resumed run skip exactly the samples it has already used (without decoding them).
 With ``resampled=True`` every slot instead draws shards with replacement forever, for when
 there are fewer shards than readers. A tar that ends mid-member or a shard that cannot be
-opened becomes a counted ``corrupt_shard`` skip naming the shard; the samples before the
-damage are kept.
+opened is counted once as a damaged shard (``corrupt_shard``, naming it); it is not a sample,
+so it adds nothing to the samples read or skipped; the samples before the damage are kept.
 """
 from __future__ import annotations
 
@@ -106,6 +106,12 @@ def decode_shard_sample(raw: dict, min_side: int = 0, max_chars: int = 1000) -> 
     return dict(key=key, image=image, caption=caption, label=label, _events=events)
 
 
+def _shard_marker(url: str, error: Exception) -> dict:
+    """The one item that stands for a damaged shard (webdataset may report a cut tar more
+    than once; it is one damaged shard all the same)."""
+    return {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(error)}
+
+
 class ShardSource:
     """Raw samples of WebDataset shards for one reader slot; see the module docstring."""
 
@@ -147,16 +153,20 @@ class ShardSource:
             try:
                 stream = open_shard(url)
             except (OSError, DataError) as e:
-                yield {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(e)}
+                yield _shard_marker(url, e)
                 continue
+            damaged = False
             with stream:
                 files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
                 for sample in group_by_keys(files, handler=handler):
                     yield sample
-                    while errors:
-                        yield {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(errors.pop(0))}
-            while errors:
-                yield {"__skip__": "corrupt_shard", "__key__": url, "__detail__": str(errors.pop(0))}
+                    if errors and not damaged:
+                        damaged = True
+                        yield _shard_marker(url, errors[0])
+                    errors.clear()
+            if errors and not damaged:
+                yield _shard_marker(url, errors[0])
+            errors.clear()
 
     def items(self, epoch: int, slot: int, nslots: int, seed: int) -> Iterator[dict]:
         """Raw samples (undecoded tar members) of this slot's share of epoch ``epoch``."""
@@ -168,7 +178,7 @@ class ShardSource:
 
     def decode(self, raw: dict) -> dict:
         if "__skip__" in raw:
-            raise BadSample(raw["__skip__"], raw["__key__"], raw.get("__detail__", ""))
+            raise BadSample(raw["__skip__"], raw["__key__"], raw.get("__detail__", ""), sample=False)
         return decode_shard_sample(raw, self.min_side, self.max_chars)
 
     def captions(self, limit: int | None = None) -> Iterator[str]:

@@ -60,6 +60,22 @@ def patch_to_text(attn: torch.Tensor, num_patches: int, patch_index: int,
     return row / row.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+# Words that say little about where to look in the image (the default --word skips them).
+STOP_WORDS = frozenset("a an the of on in at to and or with is are its it this that by for from as".split())
+
+
+def last_content_word(tokens: list[str]) -> int | None:
+    """Index of the first piece of the caption's last word that is not punctuation or a stop
+    word ("a red circle on the left." -> "left"), or None when there is none."""
+    starts = [i for i, t in enumerate(tokens) if not t.startswith("##")]
+    for i in reversed(starts):
+        end = next((j for j in starts if j > i), len(tokens))
+        word = tokens[i] + "".join(t[2:] for t in tokens[i + 1:end])
+        if any(ch.isalnum() for ch in word) and word.lower() not in STOP_WORDS:
+            return i
+    return None
+
+
 def find_word(text_encoder, ids: torch.Tensor, pad: torch.Tensor, word: str) -> int | None:
     """Position of the first token of ``word`` in one caption, or None."""
     target = text_encoder.ids(word)
@@ -75,7 +91,8 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
     """One row per sample: the image, the chosen word's attention over it as a heat map, and
     the chosen patch's attention over the caption as shaded words.
 
-    ``word`` defaults to each caption's last word; ``patch`` (row-major index) to the centre."""
+    ``word`` defaults to each caption's last content word (:func:`last_content_word`);
+    ``patch`` (row-major index) to the centre."""
     from matplotlib.patches import Rectangle
 
     from ..data.transforms import denormalize
@@ -98,7 +115,7 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
                              gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for i in range(rows):
         tokens = text_encoder.decode_tokens(text[i][~pad[i]].cpu())
-        w = find_word(text_encoder, text[i].cpu(), pad[i].cpu(), word) if word else len(tokens) - 1
+        w = find_word(text_encoder, text[i].cpu(), pad[i].cpu(), word) if word else last_content_word(tokens)
         img = pixels[i].permute(1, 2, 0).numpy()
         axes[i, 0].imshow(img)
         py, px = divmod(patch, g)
@@ -107,11 +124,13 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
         axes[i, 0].set_title("image (patch in cyan)", fontsize=8)
         axes[i, 1].imshow(img)
         if w is None:
-            axes[i, 1].set_title(f"'{word}' not in caption", fontsize=8)
+            axes[i, 1].set_title(f"'{word}' not in caption" if word else "no content word", fontsize=8)
         else:
             heat = word_to_image(attn[i:i + 1], cfg.num_patches, w)[0].reshape(g, g).cpu().numpy()
-            axes[i, 1].imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, cfg.image_size - 0.5,
-                                                                   cfg.image_size - 0.5, -0.5))
+            im = axes[i, 1].imshow(heat, cmap="jet", alpha=0.5, extent=(-0.5, cfg.image_size - 0.5,
+                                                                        cfg.image_size - 0.5, -0.5))
+            # The weights over the patches sum to 1: the bar shows the share each patch gets.
+            fig.colorbar(im, ax=axes[i, 1], fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             axes[i, 1].set_title(f"'{tokens[w]}' -> image ({how})", fontsize=8)
         ax = axes[i, 2]
         ax.axis("off")

@@ -84,6 +84,33 @@ def _class_names_beside(shards: list[str]) -> list[str] | None:
     return None
 
 
+def _samples_in(shard: str) -> int:
+    """Number of samples (distinct keys) in one tar shard, read without decoding anything."""
+    import tarfile
+
+    keys = set()
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                if member.isfile():
+                    keys.add(member.name.split("/")[-1].split(".")[0])
+    except (OSError, tarfile.TarError):
+        pass
+    return len(keys)
+
+
+def data_name(spec: str) -> str:
+    """A short name for a data spec, for titles: 'cifar10/test' for '.../cifar10/test-*.tar.gz'."""
+    if spec == "shapes" or spec.startswith("shapes:"):
+        return "shapes"
+    first = spec.split("::")[0].rstrip("/")
+    path = Path(first)
+    if os.path.isdir(first):
+        return path.name
+    stem = path.name.split(".")[0].split("{")[0].split("*")[0].rstrip("-_")
+    return f"{path.parent.name}/{stem}" if path.parent.name else stem or path.name
+
+
 def _file_stamp(paths) -> str:
     h = hashlib.sha1()
     for p in paths:
@@ -129,9 +156,11 @@ def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int
                                 "nor WebDataset shards (*.tar / *.tar.gz) that exist")
     # Fine-tuning reads shards through a shuffle buffer; evaluation in shard order.
     ds = webdataset_source(shards, transform=transform, shuffle_buffer=1000 if train else 0)
+    local = [u for u in shards if os.path.exists(u)]
     if limit is not None:
         ds = _Prefix(ds, limit)
-    local = [u for u in shards if os.path.exists(u)]
+    elif local:
+        ds.approx_len = _samples_in(local[0]) * len(shards)  # for progress bars: shards are alike in size
     return LabelledData(ds, _class_names_beside(shards), tag + "|" + _file_stamp(local))
 
 

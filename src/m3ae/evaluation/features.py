@@ -7,7 +7,9 @@ before any LayerNorm; the probe's BatchNorm takes care of the scale).
 
 :func:`cached_features` stores features on disk under a key made of the model weights'
 hash, the data fingerprint and the options, so a probe, kNN and OOD run on the same model
-and data compute them once.
+and data compute them once. Several poolings come out of one pass over the data, and every
+extraction also keeps each image average-pooled to 8 x 8 pixels (``Features.pixels``, 192
+numbers), so a raw-pixel baseline costs no extra pass.
 """
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file as load_np, save_file as save_np
+from safetensors.numpy import load_file as load_np
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
 from ..model import M3AE
-from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
+from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME, save_safetensors
 from ..tokenizer import TextEncoder, load_tokenizer
+from ..training.distributed import resolve_device  # noqa: F401 (re-exported for the CLI)
 
 MODALITIES = ("image", "text", "both")
 POOLS = ("cls", "mean")
@@ -37,6 +40,7 @@ class Features:
     labels: np.ndarray    # (N,) int64, -1 where unknown
     keys: list[str]
     class_names: list[str] | None = None
+    pixels: np.ndarray | None = None  # (N, 192) images average-pooled to 8 x 8, for a baseline
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,8 +52,10 @@ class Features:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"keys": self.keys, "class_names": self.class_names}
         if path.suffix == ".safetensors":
-            save_np({"features": self.features, "labels": self.labels}, str(path),
-                    metadata={"m3ae": json.dumps(meta)})
+            arrays = {"features": self.features, "labels": self.labels}
+            if self.pixels is not None:
+                arrays["pixels"] = self.pixels
+            save_safetensors(arrays, path, metadata={"m3ae": json.dumps(meta)})
         elif path.suffix == ".npy":
             np.save(path, self.features)
             np.save(path.with_name(path.stem + ".labels.npy"), self.labels)
@@ -69,7 +75,7 @@ class Features:
             with safe_open(str(path), "np") as f:
                 meta = json.loads((f.metadata() or {}).get("m3ae", "{}"))
             t = load_np(str(path))
-            return cls(t["features"], t["labels"], meta.get("keys", []), meta.get("class_names"))
+            return cls(t["features"], t["labels"], meta.get("keys", []), meta.get("class_names"), t.get("pixels"))
         meta = json.loads(path.with_name(path.stem + ".keys.json").read_text())
         return cls(np.load(path), np.load(path.with_name(path.stem + ".labels.npy")), meta["keys"],
                    meta.get("class_names"))
@@ -91,12 +97,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     return model, text_encoder
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> torch.Tensor:
     """(B, N, D) encoder tokens -> (B, D): CLS (position 0) or the mean over the valid
     non-CLS tokens (``valid`` (B, N) bool, None = all valid)."""
@@ -111,10 +111,11 @@ def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> 
 
 
 @torch.no_grad()
-def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str = "cls",
-                 block: int | None = None) -> torch.Tensor:
-    """Features (B, D) of one collated batch. ``block`` (0-based, negative from the end)
-    takes that block's output instead of the final normalised encoder output."""
+def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str | tuple = "cls",
+                 block: int | None = None) -> torch.Tensor | dict:
+    """Features (B, D) of one collated batch; a tuple of pools gives ``{pool: (B, D)}`` from
+    one forward pass. ``block`` (0-based, negative from the end) takes that block's output
+    instead of the final normalised encoder output."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     device = next(model.parameters()).device
@@ -136,26 +137,55 @@ def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str = 
         if not -depth <= block < depth:
             raise ValueError(f"block {block} is out of range for an encoder of depth {depth}")
         tokens = enc.intermediates[block]
-    return pool_tokens(tokens, enc.key_valid, pool).float()
+    if isinstance(pool, str):
+        return pool_tokens(tokens, enc.key_valid, pool).float()
+    return {p: pool_tokens(tokens, enc.key_valid, p).float() for p in pool}
+
+
+def pixel_features(image: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, 192): 8 x 8 average-pooled pixels (zeros without images)."""
+    if image is None:
+        return torch.zeros(rows, 192)
+    return torch.nn.functional.adaptive_avg_pool2d(image.float().cpu(), 8).flatten(1)
+
+
+def _approx_len(dataset) -> int | None:
+    """The number of samples, or an estimate for shards (``approx_len``), for progress bars."""
+    try:
+        return len(dataset)
+    except TypeError:
+        return getattr(dataset, "approx_len", None)
 
 
 @torch.no_grad()
-def extract_features(model: M3AE, loader, modality: str = "image", pool: str = "cls", block: int | None = None,
-                     progress: bool = True, class_names: list[str] | None = None,
-                     desc: str = "features") -> Features:
-    """Run the encoder over every batch of ``loader`` (from :func:`m3ae.evaluation.data.make_loader`)."""
+def extract_features(model: M3AE, loader, modality: str = "image", pool: str | tuple = "cls",
+                     block: int | None = None, progress: bool = True, class_names: list[str] | None = None,
+                     desc: str = "features") -> Features | dict:
+    """Run the encoder over every batch of ``loader`` (from :func:`m3ae.evaluation.data.make_loader`).
+
+    A tuple of pools gives ``{pool: Features}`` from a single pass."""
     model.eval()
-    feats, labels, keys = [], [], []
-    total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
-    with tqdm(total=total, disable=not progress, desc=desc, unit="img", dynamic_ncols=True) as bar:
+    pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    feats: dict = {p: [] for p in pools}
+    labels, keys, pixels = [], [], []
+    with tqdm(total=_approx_len(loader.dataset), disable=not progress, desc=desc, unit="img",
+              dynamic_ncols=True) as bar:
         for batch in loader:
-            feats.append(encode_batch(model, batch, modality, pool, block).cpu())
+            out = encode_batch(model, batch, modality, pools, block)
+            for p in pools:
+                feats[p].append(out[p].cpu())
             labels.append(batch["label"])
             keys.extend(batch["key"])
+            pixels.append(pixel_features(batch.get("image"), len(batch["label"])))
             bar.update(len(batch["label"]))
-    if not feats:
+        bar.total = bar.n  # an estimated total (shards) ends exact
+        bar.refresh()
+    if not labels:
         raise ValueError("the data produced no samples")
-    return Features(torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64), keys, class_names)
+    lab = torch.cat(labels).numpy().astype(np.int64)
+    pix = torch.cat(pixels).numpy()
+    out = {p: Features(torch.cat(feats[p]).numpy(), lab, keys, class_names, pix) for p in pools}
+    return out[pool] if isinstance(pool, str) else out
 
 
 def weights_hash(directory: str | Path) -> str:
@@ -174,22 +204,28 @@ def default_cache_dir() -> Path:
 
 
 def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, text_encoder=None,
-                    modality: str = "image", pool: str = "cls", block: int | None = None,
+                    modality: str = "image", pool: str | tuple = "cls", block: int | None = None,
                     batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
-                    device: str | torch.device = "cpu", desc: str = "features") -> Features:
+                    device: str | torch.device = "cpu", desc: str = "features") -> Features | dict:
     """Features of ``data`` (a :class:`~m3ae.evaluation.data.LabelledData`), computed once and
-    then read from ``cache_dir`` (default ``$M3AE_CACHE/features`` or ``~/.cache/m3ae/features``)."""
+    then read from ``cache_dir`` (default ``$M3AE_CACHE/features`` or ``~/.cache/m3ae/features``).
+    A tuple of pools gives ``{pool: Features}``; missing ones are computed in one pass."""
     from .data import make_loader
 
-    key = hashlib.sha1(json.dumps([weights_hash(model_dir), data.fingerprint, modality, pool, block]).encode())
-    path = Path(cache_dir or default_cache_dir()) / f"{key.hexdigest()[:20]}.safetensors"
-    if path.is_file():
-        return Features.load(path)
-    if model is None:
-        model, text_encoder = load_model(model_dir, device, need_tokenizer=modality != "image")
-    loader = make_loader(data, text_encoder if modality != "image" else None, batch_size)
-    feats = extract_features(model, loader, modality, pool, block, progress, data.class_names, desc)
-    tmp = path.with_name(path.stem + ".tmp.safetensors")
-    feats.save(tmp)
-    os.replace(tmp, path)  # a crash never leaves a half-written cache entry
-    return feats
+    pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    whash = weights_hash(model_dir)
+    paths = {p: Path(cache_dir or default_cache_dir()) / (hashlib.sha1(json.dumps(
+        [whash, data.fingerprint, modality, p, block]).encode()).hexdigest()[:20] + ".safetensors") for p in pools}
+    found = {p: Features.load(path) for p, path in paths.items() if path.is_file()}
+    for p in found:  # say so: a cache hit explains a run that took no time
+        tqdm.write(f"{desc} ({p}): read from the cache {paths[p]}")
+    todo = tuple(p for p in pools if p not in found)
+    if todo:
+        if model is None:
+            model, text_encoder = load_model(model_dir, device, need_tokenizer=modality != "image")
+        loader = make_loader(data, text_encoder if modality != "image" else None, batch_size)
+        fresh = extract_features(model, loader, modality, todo, block, progress, data.class_names, desc)
+        for p, feats in fresh.items():
+            feats.save(paths[p])  # atomic: a crash never leaves a half-written cache entry
+        found.update(fresh)
+    return found[pool] if isinstance(pool, str) else {p: found[p] for p in pools}

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
 from ..model import M3AE
+from ..pretrained import save_safetensors
 from .features import pool_tokens
 
 
@@ -47,7 +48,7 @@ class Classifier(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.startswith(("model.decoder", "model.image_head", "model.text_head"))}
-        save_file(state, str(directory / "classifier.safetensors"))
+        save_safetensors(state, directory / "classifier.safetensors")
         (directory / "classifier.json").write_text(json.dumps(
             {"model": asdict(self.model.config), "num_classes": self.head.out_features, "pool": self.pool,
              "class_names": self.class_names}, indent=2))
@@ -111,12 +112,13 @@ def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: f
 @dataclass
 class FinetuneResult:
     top1: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer (it would be 100%)
     history: list = field(default_factory=list)
     classifier: Classifier = field(default=None, repr=False)
+    chance: float | None = None
 
     def as_dict(self) -> dict:
-        return {"top1": self.top1, "top5": self.top5, "history": self.history}
+        return {"top1": self.top1, "top5": self.top5, "chance": self.chance, "history": self.history}
 
 
 def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_blocks: int | None = None,
@@ -169,5 +171,5 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
         logits, labels = clf.predict_logits_loader(val_loader)
         acc = topk_accuracy(logits, labels)
         history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), **acc})
-    last = history[-1] if history else {"top1": float("nan"), "top5": float("nan")}
-    return FinetuneResult(last["top1"], last["top5"], history, clf.eval())
+    last = history[-1] if history else {"top1": float("nan")}
+    return FinetuneResult(last["top1"], last.get("top5"), history, clf.eval(), 1.0 / num_classes)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .features import Features
 
@@ -52,7 +53,8 @@ def num_classes_of(*sets: Features) -> int:
 
 def train_linear_probe(train: Features, num_classes: int | None = None, epochs: int = 90,
                        batch_size: int = 256, lr: float | None = None, base_lr: float = 0.1,
-                       warmup_epochs: int = 10, weight_decay: float = 0.0, seed: int = 0) -> LinearProbe:
+                       warmup_epochs: int = 10, weight_decay: float = 0.0, seed: int = 0,
+                       progress: bool = False, desc: str = "linear probe") -> LinearProbe:
     """Fit a :class:`LinearProbe` on ``train``. ``lr`` defaults to ``base_lr * batch_size / 256``."""
     _check_labels(train, "training")
     num_classes = num_classes or num_classes_of(train)
@@ -70,7 +72,7 @@ def train_linear_probe(train: Features, num_classes: int | None = None, epochs: 
                                               0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     loss_fn = nn.CrossEntropyLoss()
     probe.train()
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), disable=not progress, desc=desc, unit="epoch", dynamic_ncols=True, leave=False):
         order = torch.randperm(len(x), generator=g)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size:(i + 1) * batch_size]
@@ -83,12 +85,14 @@ def train_linear_probe(train: Features, num_classes: int | None = None, epochs: 
 
 
 def topk_accuracy(logits: torch.Tensor, labels, ks=(1, 5)) -> dict[str, float]:
-    """Fraction of samples whose label is among the k highest logits (k capped at the class count)."""
+    """Fraction of samples whose label is among the k highest logits. A k >= the number of
+    classes (other than 1) is left out: it would be 100% by construction."""
     labels = torch.as_tensor(labels)
     out = {}
     for k in ks:
-        kk = min(k, logits.shape[1])
-        hit = (logits.topk(kk, dim=1).indices == labels[:, None]).any(1)
+        if k > 1 and k >= logits.shape[1]:
+            continue
+        hit = (logits.topk(k, dim=1).indices == labels[:, None]).any(1)
         out[f"top{k}"] = hit.float().mean().item()
     return out
 
@@ -115,9 +119,9 @@ def knn_classify(train: Features, test: Features, k: int = 20, temperature: floa
 @dataclass
 class ProbeResult:
     top1: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer (it would be 100%)
     knn_top1: float
-    knn_top5: float
+    knn_top5: float | None
     num_train: int
     num_eval: int
     num_classes: int
@@ -135,13 +139,14 @@ def probe_warmup_epochs(epochs: int) -> int:
 
 
 def linear_probe(train: Features, test: Features, epochs: int = 90, batch_size: int = 256,
-                 lr: float | None = None, knn_k: int = 20, seed: int = 0) -> ProbeResult:
+                 lr: float | None = None, knn_k: int = 20, seed: int = 0, progress: bool = False,
+                 desc: str = "linear probe") -> ProbeResult:
     """Train the probe on ``train`` and report top-1/top-5 of it and of kNN on ``test``."""
     _check_labels(test, "evaluation")
     c = num_classes_of(train, test)
     probe = train_linear_probe(train, c, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                               warmup_epochs=probe_warmup_epochs(epochs))
+                               warmup_epochs=probe_warmup_epochs(epochs), progress=progress, desc=desc)
     acc = topk_accuracy(probe.predict_logits(test.features), test.labels)
     knn = topk_accuracy(knn_classify(train, test, knn_k, num_classes=c), test.labels)
-    return ProbeResult(acc["top1"], acc["top5"], knn["top1"], knn["top5"], len(train), len(test), c,
+    return ProbeResult(acc["top1"], acc.get("top5"), knn["top1"], knn.get("top5"), len(train), len(test), c,
                        1.0 / c, probe)

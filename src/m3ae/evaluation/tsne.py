@@ -6,9 +6,9 @@ from ..visualize import new_figure, save_figure
 
 
 def save_tsne(named_features: list, path: str | Path, class_names: list[str] | None = None,
-              perplexity: float = 30.0, seed: int = 0) -> Path:
+              perplexity: float = 30.0, seed: int = 0, title: str = "") -> Path:
     """t-SNE (scikit-learn) of each ``(name, Features)`` in its own panel, coloured by class
-    (e.g. M3AE and MAE side by side)."""
+    (e.g. M3AE and MAE side by side); ``title`` (e.g. the data set) goes above them."""
     import numpy as np
     from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
@@ -27,4 +27,6 @@ def save_tsne(named_features: list, path: str | Path, class_names: list[str] | N
         handles = [Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=c)
                    for i, c in enumerate(names)]
         axes[0, -1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title, fontsize=10)
     return save_figure(fig, path, dpi=120)

@@ -107,6 +107,21 @@ def prompt_log_likelihood(model: M3AE, image: torch.Tensor | None, prompt: Promp
     raise ValueError("normalize must be 'mean' or 'sum'")
 
 
+def class_name_warnings(text_encoder: TextEncoder, class_names: list[str]) -> list[str]:
+    """Class names the tokenizer cannot represent well: with [UNK] pieces (the model cannot
+    score them at all) or split into mostly single letters (words it never learnt)."""
+    out = []
+    for name in class_names:
+        tokens = text_encoder.tokenizer.encode(name, add_special_tokens=False).tokens
+        if "[UNK]" in tokens:
+            out.append(f"class {name!r} tokenises to {tokens}: [UNK] pieces cannot be told apart, "
+                       "so its score says little (a tokenizer trained on captions in its language helps)")
+        elif len(tokens) >= 3 and 2 * sum(len(t.removeprefix("##")) == 1 for t in tokens) >= len(tokens):
+            out.append(f"class {name!r} splits into letter pieces {tokens}: the tokenizer (and so the "
+                       "model) never saw it as a word")
+    return out
+
+
 @dataclass
 class ZeroShotResult:
     accuracy: float
@@ -116,6 +131,8 @@ class ZeroShotResult:
     num_samples: int
     per_class_predictions: dict  # class name -> how often it was predicted (raw score)
     prompts: list[str]
+    confusion: list  # [true class][predicted class] counts (raw score)
+    warnings: list  # class names the tokenizer represents badly (see class_name_warnings)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -157,4 +174,26 @@ def zero_shot_classify(model: M3AE, text_encoder: TextEncoder, loader, class_nam
         chance=1.0 / len(class_names), majority=(counts.max() / counts.sum()).item(),
         num_samples=len(labels),
         per_class_predictions={c: int((pred == i).sum()) for i, c in enumerate(class_names)},
-        prompts=[template.format(c) for c in class_names])
+        prompts=[template.format(c) for c in class_names],
+        confusion=torch.bincount(labels * len(class_names) + pred, minlength=len(class_names) ** 2)
+        .reshape(len(class_names), -1).tolist(),
+        warnings=class_name_warnings(text_encoder, class_names))
+
+
+def plot_confusion(result: ZeroShotResult, class_names: list[str], path, title: str = ""):
+    """The zero-shot confusion matrix as a PNG (rows: true class, columns: predicted)."""
+    from ..visualize import new_figure, save_figure
+
+    c = torch.tensor(result.confusion, dtype=torch.float)
+    share = (c / c.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = len(class_names)
+    fig, ax = new_figure(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
+    if n <= 30:
+        ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"zero-shot: {result.accuracy:.1%} (chance {result.chance:.1%})", fontsize=9)
+    return save_figure(fig, path, dpi=120)

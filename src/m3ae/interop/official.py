@@ -235,12 +235,36 @@ def infer_config(flat: dict[str, np.ndarray], variant: dict | None = None, *,
     return cfg, notes
 
 
+_OFFICIAL_LOOKS_LIKE = ("An official checkpoint is a plain pickle of {step, epoch, variant, state} written by "
+                        "the young-geng/m3ae_public training scripts (e.g. checkpoint.pkl / model.pkl)")
+
+
+def _refuse_other_formats(path: Path) -> None:
+    """Name the formats people pass by mistake, instead of a pickle error."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = None
+    if head.startswith(b"PK\x03\x04"):
+        kind = "a PyTorch file (torch.save, a zip archive)"
+    elif len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        kind = "a safetensors file"
+    elif head.startswith(b"\x89HDF"):
+        kind = "an HDF5 file"
+    if kind:
+        raise ValueError(f"{path} is {kind}, not an official JAX M3AE checkpoint. {_OFFICIAL_LOOKS_LIKE}; "
+                         f"m3ae's own models (a folder with config.json + model.safetensors) load directly")
+
+
 def read_official_pickle(path: str | Path) -> tuple[dict, set[str]]:
     """The checkpoint dict, read safely; refuses files that try to run commands."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    obj, stubbed = safe_load(path)
+    _refuse_other_formats(path)
+    try:
+        obj, stubbed = safe_load(path)
+    except ValueError as e:
+        raise ValueError(f"{path} is not an official JAX M3AE checkpoint ({e}). {_OFFICIAL_LOOKS_LIKE}") from None
     bad = suspicious_globals(stubbed)
     if bad:
         raise ValueError(f"refusing {path}: unpickling it would call {', '.join(bad)} "

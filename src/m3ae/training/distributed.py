@@ -42,8 +42,34 @@ def env_rank_info(env: dict | None = None) -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def check_device(name: str) -> str:
+    """``name`` if this machine has that device (cpu, auto, cuda, cuda:N, mps), else a
+    one-line ValueError saying what there is."""
+    try:
+        dev = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if name != "auto" and dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: this machine has no usable CUDA GPU (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS is not available here; use cpu or auto")
+    return name
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu; any other name is checked to exist."""
+    if check_device(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def init_distributed(device_name: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group (NCCL on GPUs, gloo on CPU) and pick this process's device."""
+    check_device(device_name)
     rank, local_rank, world = env_rank_info()
     cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
     if cuda:
@@ -96,6 +122,15 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (small things: counters, positions)."""
+    if not info.distributed:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """DDP (default) or FSDP2 around ``module``; unchanged in a single process.
 
@@ -129,4 +164,4 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
 
 
 __all__ = ["DistInfo", "env_rank_info", "init_distributed", "shutdown_distributed", "all_reduce_sum",
-           "barrier", "broadcast_object", "wrap_model"]
+           "barrier", "broadcast_object", "gather_objects", "wrap_model"]

@@ -73,12 +73,13 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         step = row["step"]
+        # Scalars only: the JSON line also holds example keys of skipped samples.
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, step)
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -1,6 +1,7 @@
 """AdamW with the model's own no-weight-decay list, and warmup + cosine learning rate."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,6 +49,27 @@ def lr_at(step: int, cfg: TrainConfig, world_size: int = 1) -> float:
     return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, world_size: int = 1):
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, world_size: int = 1,
+                    start_step: int = 0):
+    """The schedule of ``cfg`` (see :func:`lr_at`), positioned after ``start_step`` steps.
+
+    A resumed run builds its schedule this way from the *current* config and the step alone,
+    rather than loading the checkpoint's scheduler state, whose ``base_lrs`` would silently
+    bring back the old peak LR. The LR of every step is the same closed form either way, so an
+    unchanged config resumes bit-exactly."""
     peak = cfg.lr_for(world_size)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, world_size) / peak)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = peak
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg, world_size) / peak,
+                                             last_epoch=start_step - 1)
+
+
+@contextlib.contextmanager
+def config_hyperparameters(optimizer: torch.optim.Optimizer):
+    """Load an optimizer state inside this block to keep the hyperparameters the optimizer was
+    built with (from the config: weight decay, betas, ...) while taking the state (moments,
+    step counts) from the checkpoint; ``load_state_dict`` alone restores the saved ones."""
+    built = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
+    for group, hyper in zip(optimizer.param_groups, built):
+        group.update(hyper)

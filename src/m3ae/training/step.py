@@ -46,7 +46,8 @@ from ..model import M3AE
 from ..ops import trim_text_padding
 from .checkpoint import WeightsView
 from .distributed import DistInfo, all_reduce_sum, wrap_model
-from .optim import build_optimizer, build_scheduler
+from .nonfinite import nonfinite_parameters
+from .optim import build_optimizer, build_scheduler, config_hyperparameters
 
 
 class LossModule(nn.Module):
@@ -145,6 +146,7 @@ class TrainStep:
         self._skip_on_device = all(g.get("fused") for g in self.optimizer.param_groups)
         zero = torch.zeros((), dtype=torch.long, device=device)
         self.skipped, self._streak, self._worst = zero.clone(), zero.clone(), zero.clone()
+        self._overflow_step = zero - 1  # the first update that made the weights non-finite
         self._logged = torch.zeros(5, device=device)  # non-finite, total, image, text, accuracy
         self._grad_norm = torch.zeros((), device=device)
         self.module.train()
@@ -162,7 +164,7 @@ class TrainStep:
                                 losses.text_accuracy]).detach().float()
             logged[0] += (~torch.isfinite(vals[0])).float()
             logged[1:] += vals / accum
-        self._update(all_reduce_sum(logged, self.info))
+        self._update(step, all_reduce_sum(logged, self.info))
 
     def _denominators(self, plans: list[BatchPlan]):
         """(image, text, accuracy) denominators: global counts / (processes x micro-batches)."""
@@ -205,7 +207,7 @@ class TrainStep:
             return self.module.no_sync()
         return contextlib.nullcontext()
 
-    def _update(self, logged: torch.Tensor) -> None:
+    def _update(self, step: int, logged: torch.Tensor) -> None:
         """Clip, apply AdamW unless non-finite (decided on the device), advance the schedule."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -223,6 +225,10 @@ class TrainStep:
             del self.optimizer.found_inf
         elif not bool(bad):  # foreach AdamW has no found_inf: one host read per step
             self.optimizer.step()
+        # An applied update can itself overflow the weights (an LR far too high): remembered
+        # on the device; the trainer stops at its next host read (:meth:`first_nonfinite_update`).
+        overflow = ~bad & (nonfinite_parameters(self._params, self.info)[0] > 0) & (self._overflow_step < 0)
+        self._overflow_step = torch.where(overflow, step + 1, self._overflow_step)
         if self.scaler is not None:
             self.scaler.update()
         with warnings.catch_warnings():
@@ -252,7 +258,16 @@ class TrainStep:
         return worst
 
     def in_bad_streak(self) -> bool:
-        return bool(self._streak > 0)
+        return self.bad_streak() > 0
+
+    def bad_streak(self) -> int:
+        """Non-finite steps in a row up to now (0 after an applied step)."""
+        return int(self._streak)
+
+    def first_nonfinite_update(self) -> int | None:
+        """The step (1-based) whose applied update made the weights non-finite, if any."""
+        step = int(self._overflow_step)
+        return step if step >= 0 else None
 
     # ---------------------------------------------------------------- state
     def full_weights(self):
@@ -283,14 +298,17 @@ class TrainStep:
         if saved != ("fqn" if self.fsdp else "torch"):
             raise ValueError(f"{source} was written with strategy {'fsdp' if saved == 'fqn' else 'ddp/single'}; "
                              f"resume it with the same train.strategy (and more than one process for fsdp)")
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        with config_hyperparameters(self.optimizer):  # the config's LR, decay, betas win
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.module, self.optimizer, st["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
+                set_optimizer_state_dict(self.module, self.optimizer, st["optimizer"],
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(st["optimizer"])
+        # The config's schedule at the checkpoint's step (a loaded scheduler state would bring
+        # back the old peak LR; with an unchanged config both are the same, bit for bit).
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, self.info.world_size, start_step=st["step"])
         if self.scaler is not None and st.get("scaler"):
             self.scaler.load_state_dict(st["scaler"])
         self.skipped.fill_(st.get("skipped_steps", 0))

@@ -21,12 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import build_pretrain_loader, build_text_encoder
+from ..data import build_dataset, build_pretrain_loader, build_text_encoder
 from ..model import M3AE
+from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
-from .checkpoint import load_trainer_state, resolve_resume, save_checkpoint
-from .distributed import DistInfo, barrier, broadcast_object, init_distributed, shutdown_distributed
+from .checkpoint import (clear_run, config_changes, last_good_after_resume, load_trainer_state,
+                         refuse_existing_run, resolve_resume, save_checkpoint)
+from .distributed import (DistInfo, barrier, broadcast_object, gather_objects, init_distributed,
+                          shutdown_distributed)
+from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
+from .nonfinite import overflow_message, streak_message
+from .optim import lr_at
 from .step import TrainStep
 
 
@@ -41,6 +47,7 @@ class PretrainResult:
     final_loss: float
     history: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
+    data_summary: str = ""  # samples read and skipped per reason, over all ranks and workers
 
 
 class _BatchStream:
@@ -86,7 +93,9 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
 
 def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
     """Rank 0's tokenizer on every rank (a tokenizer trained on the fly must be identical
-    everywhere); when resuming, the one saved with the checkpoint."""
+    everywhere); when resuming, always the one saved with the checkpoint: the model's token
+    ids mean what they meant when the run started (a ``from-data`` tokenizer trained again
+    would number its tokens differently)."""
     from tokenizers import Tokenizer
 
     from ..pretrained import TOKENIZER_NAME
@@ -94,7 +103,7 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 
     text = None
     if info.is_main:
-        if ckpt is not None and not cfg.data.tokenizer and (ckpt / TOKENIZER_NAME).is_file():
+        if ckpt is not None and (ckpt / TOKENIZER_NAME).is_file():
             text = (ckpt / TOKENIZER_NAME).read_text()
         else:
             text = build_text_encoder(cfg.data).tokenizer.to_str()
@@ -103,40 +112,73 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 
 
 def _resume_target(resume: str | None, run_dir: Path, info: DistInfo) -> Path | None:
-    # torchrun --max-restarts restarts dead workers with the same arguments; continuing from
-    # the newest checkpoint is the only sensible thing for a restarted worker to do.
-    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        resume = "latest"
     if not resume:
         return None
     ckpt = resolve_resume(resume, run_dir) if info.is_main else None
     found = broadcast_object(None if ckpt is None else str(ckpt), info)
+    if found is None and info.is_main:
+        tqdm.write(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'} yet; starting a new run "
+                   "at step 0")
     return None if found is None else Path(found)
 
 
+def _check_run_folder(run_dir: Path, resume: str | None, overwrite: bool, info: DistInfo) -> None:
+    """A new run must not write into an old one: its checkpoints and metrics would mix."""
+    problem = None
+    if info.is_main and not resume and not overwrite:
+        try:
+            refuse_existing_run(run_dir)
+        except FileExistsError as e:
+            problem = str(e)
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise FileExistsError(problem)
+
+
+def _vocab_note(cfg: Config, text_encoder) -> str | None:
+    """A note when the model has more token ids than the tokenizer (they are never used)."""
+    n, v = text_encoder.vocab_size, cfg.model.vocab_size
+    if n >= v or n <= len(SPECIAL_TOKENS) or (cfg.data.source == "synthetic" and not cfg.data.tokenizer):
+        return None  # equal, image-only (no text), or the built-in data's deliberately small vocabulary
+    return (f"note: model.vocab_size={v} but the tokenizer has {n} tokens: ids {n}..{v - 1} are never "
+            f"used (wasted rows in the text embedding and head); model.vocab_size={n} fits exactly")
+
+
 def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
-             max_steps: int | None = None) -> PretrainResult:
+             max_steps: int | None = None, overwrite: bool = False) -> PretrainResult:
     """Pre-train an M3AE as ``cfg`` says, writing everything into ``run_dir``.
 
-    ``resume`` is ``"latest"`` or a checkpoint folder. ``max_steps`` stops early (the LR
-    schedule still follows ``cfg.train.steps``), which the tests use to interrupt a run.
-    Started by ``torchrun`` or ``srun`` this process becomes one rank of a data-parallel run.
+    ``resume`` is ``"latest"`` (continue the newest checkpoint, or start when there is none)
+    or a checkpoint folder. Without it, a ``run_dir`` that already holds a run is refused
+    (``FileExistsError``) unless ``overwrite`` deletes that run first. ``max_steps`` stops
+    early (the LR schedule still follows ``cfg.train.steps``), which the tests use to
+    interrupt a run. Ctrl-C finishes the step, writes a checkpoint and raises
+    :class:`TrainingInterrupted`. Started by ``torchrun`` or ``srun`` this process becomes
+    one rank of a data-parallel run.
     """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: continue the run or replace it")
+    # torchrun --max-restarts restarts dead workers with the same arguments; continuing from
+    # the newest checkpoint is the only sensible thing for a restarted worker to do.
+    if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        resume, overwrite = "latest", False
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(cfg.train.device)
     try:
-        return _pretrain(cfg, Path(run_dir), resume, progress, max_steps, info)
+        return _pretrain(cfg, Path(run_dir), resume, progress, max_steps, info, overwrite)
     finally:
         if owns_group:
             shutdown_distributed()
 
 
 def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, max_steps: int | None,
-              info: DistInfo) -> PretrainResult:
-    run = _Run(cfg, run_dir, resume, max_steps, info)
+              info: DistInfo, overwrite: bool = False) -> PretrainResult:
+    run = _Run(cfg, run_dir, resume, max_steps, info, overwrite)
+    interrupt = StopOnInterrupt().start()  # Ctrl-C: finish the step, save, then stop
     try:
-        run.loop(progress)
+        run.loop(progress, interrupt)
     finally:
+        interrupt.stop()
         run.logger.close()
     return run.finish()
 
@@ -144,42 +186,58 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
 class _Run:
     """One pre-training run: set-up and restore, the step loop, the callbacks around steps."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: str | None, max_steps: int | None, info: DistInfo):
+    def __init__(self, cfg: Config, run_dir: Path, resume: str | None, max_steps: int | None, info: DistInfo,
+                 overwrite: bool):
         tcfg = cfg.train
         self.cfg, self.run_dir, self.info = cfg, run_dir, info
-        if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        barrier(info)
-        torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP2 relies on it)
+        # Everything is checked before anything is written (a run that cannot start leaves no
+        # folder behind), and the data first: a wrong path is the first thing to report.
+        _check_run_folder(run_dir, resume, overwrite, info)
         ckpt = _resume_target(resume, run_dir, info)
+        dataset = build_dataset(cfg.data, cfg.model.image_size, train=True, seed=tcfg.seed, rank=info.rank,
+                                world_size=info.world_size, batch_size=tcfg.batch_size)
+        torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP2 relies on it)
         self.text_encoder = _shared_text_encoder(cfg, info, ckpt)
-        _check_sizes(cfg, self.text_encoder.vocab_size)
-        if info.is_main:
-            _write_run_files(cfg, run_dir, info.world_size)
+        _check_sizes(cfg, self.text_encoder, info)
         self.model = M3AE(cfg.model).to(info.device)
         st = _load_weights(self.model, ckpt) if ckpt is not None else None  # before FSDP shards them
         self.step = TrainStep(self.model, cfg, info)
-        loader = build_pretrain_loader(cfg.data, cfg.model.image_size, self.text_encoder, tcfg.batch_size,
-                                       seed=tcfg.seed, rank=info.rank, world_size=info.world_size)
-        self.stream = _BatchStream(loader)
-        self.start_step = 0
+        self.loader = build_pretrain_loader(cfg.data, cfg.model.image_size, self.text_encoder, tcfg.batch_size,
+                                            seed=tcfg.seed, rank=info.rank, world_size=info.world_size,
+                                            dataset=dataset)
+        self.stream = _BatchStream(self.loader)
+        if info.is_main:
+            if overwrite:
+                clear_run(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_run_files(cfg, run_dir, info.world_size)
+        barrier(info)
+        self.start_step, self.last_good_ckpt = 0, None
         if st is not None:
-            self.step.load_state_dict(st, str(ckpt))
-            self.start_step = st["step"]
-            _set_rng_state(st, info.device)
-            self.stream.load_state(_data_position(st, info, ckpt))
-            if info.is_main:  # also without a progress bar: which checkpoint a run continued from matters
-                tqdm.write(f"resumed from {ckpt} at step {self.start_step}")
+            self._restore(st, ckpt)
         self.end_step = tcfg.steps if max_steps is None else min(tcfg.steps, max_steps)
         self.logger = MetricsLogger(run_dir, cfg, enabled=info.is_main, resume_step=self.start_step)
-        self.last_good_ckpt = ckpt
         self.history: list[dict] = []
         self.vis_batch = None
+        self.saved_at = self.start_step
 
-    def loop(self, progress: bool) -> None:
-        tcfg = self.cfg.train
+    def _restore(self, st: dict, ckpt: Path) -> None:
+        self.step.load_state_dict(st, str(ckpt))
+        self.start_step = st["step"]
+        self.last_good_ckpt = last_good_after_resume(ckpt, st)  # written before any streak
+        _set_rng_state(st, self.info.device)
+        self.stream.load_state(_data_position(st, self.info, ckpt))
+        if self.info.is_main:  # also without a progress bar: which checkpoint a run continued from matters
+            tqdm.write(f"resumed from {ckpt} at step {self.start_step}")
+            changed = config_changes(st.get("config", self.cfg.to_dict()), self.cfg.to_dict())
+            if changed:
+                tqdm.write(f"the config differs from the checkpoint's ({'; '.join(changed)}): the new values "
+                           f"apply from step {self.start_step + 1}, LR schedule and optimizer settings included")
+
+    def loop(self, progress: bool, interrupt: StopOnInterrupt) -> None:
+        tcfg, info = self.cfg.train, self.info
         bar = tqdm(range(self.start_step, self.end_step), initial=self.start_step, total=self.end_step,
-                   disable=not (progress and self.info.is_main), desc="pretrain", dynamic_ncols=True, unit="step")
+                   disable=not (progress and info.is_main), desc="pretrain", dynamic_ncols=True, unit="step")
         self._t_last, self._n_last = time.perf_counter(), 0
         try:
             for step in bar:
@@ -187,8 +245,13 @@ class _Run:
                 if self.vis_batch is None and micro[0].get("image") is not None:
                     self.vis_batch = micro[0]
                 self.step(step, micro)
-                self._n_last += tcfg.global_batch(self.info.world_size)
+                self._n_last += tcfg.global_batch(info.world_size)
                 self._after_step(step + 1, bar)
+                if interrupt.requested(info):
+                    if self.saved_at != step + 1:
+                        self._save(step + 1)
+                    raise TrainingInterrupted(step + 1, self.run_dir / "checkpoints" / f"step_{step + 1:08d}",
+                                              self.run_dir)
         finally:
             bar.close()
 
@@ -199,9 +262,7 @@ class _Run:
         log = done % tcfg.log_every == 0 or done == self.end_step
         ckpt = (tcfg.ckpt_every and done % tcfg.ckpt_every == 0) or done == self.end_step
         if log or ckpt:
-            streak = self.step.longest_bad_streak()
-            if tcfg.max_nonfinite_steps and streak >= tcfg.max_nonfinite_steps:
-                raise TrainingDiverged(_diverged_message(done, streak, self.last_good_ckpt, tcfg))
+            self._check_finite(done)
         if log:
             self._log(done, bar)
         if self._pictures_due(done):
@@ -214,6 +275,18 @@ class _Run:
             if not self.step.in_bad_streak():  # "good": written before a streak of non-finite steps
                 self.last_good_ckpt = path or self.last_good_ckpt
 
+    def _check_finite(self, done: int) -> None:
+        """Stop (before logging or saving) after an update that made the weights non-finite,
+        or after ``train.max_nonfinite_steps`` skipped steps in a row."""
+        tcfg = self.cfg.train
+        overflow = self.step.first_nonfinite_update()
+        if overflow is not None:
+            lr = lr_at(overflow - 1, tcfg, self.info.world_size)  # the LR that update used
+            raise TrainingDiverged(overflow_message(overflow, lr, self.last_good_ckpt))
+        streak = self.step.longest_bad_streak()
+        if tcfg.max_nonfinite_steps and streak >= tcfg.max_nonfinite_steps:
+            raise TrainingDiverged(streak_message(done, streak, self.last_good_ckpt, tcfg.max_nonfinite_steps))
+
     def _pictures_due(self, done: int) -> bool:
         every = self.cfg.train.recon_every
         return (self.info.is_main and not self.step.fsdp and bool(every) and self.vis_batch is not None
@@ -222,30 +295,34 @@ class _Run:
     def _log(self, done: int, bar) -> None:
         now = time.perf_counter()
         row = {"step": done, **self.step.metrics(), "samples_per_s": self._n_last / max(now - self._t_last, 1e-9)}
+        data = _data_counts(self.loader, self.info)  # a collective: every rank logs here
+        row.update(data.metrics())
         self._t_last, self._n_last = now, 0
         self.history.append(row)
         self.logger.log(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", img=f"{row['image_loss']:.3f}", txt=f"{row['text_loss']:.3f}",
-                        acc=f"{row['text_accuracy']:.2f}", sps=f"{row['samples_per_s']:.0f}")
+                        acc=f"{row['text_accuracy']:.2f}", sps=f"{row['samples_per_s']:.0f}",
+                        **({"skipped": data.postfix()} if data.postfix() else {}))
 
     def _save(self, done: int) -> Path | None:
-        """Every rank calls this (FSDP gathers collectively); rank 0 writes."""
+        """Every rank calls this (FSDP gathers collectively); rank 0 writes. During a streak of
+        non-finite steps the last good checkpoint is kept out of rotation."""
         info, cfg = self.info, self.cfg
         weights = self.step.full_weights()
         step_state = self.step.state_dict()
         # Every rank's data position: shard streams are at different places on different ranks.
-        data_states = [None] * info.world_size
-        if info.world_size > 1:
-            torch.distributed.all_gather_object(data_states, self.stream.state())
-        else:
-            data_states = [self.stream.state()]
+        data_states = gather_objects(self.stream.state(), info)
+        streak, last_good = self.step.bad_streak(), self.last_good_ckpt
         path = None
         if info.is_main:
             state = {"step": done, **step_state, **_rng_state(info.device), "data": data_states[0],
-                     "data_per_rank": data_states, "world_size": info.world_size, "config": cfg.to_dict()}
+                     "data_per_rank": data_states, "world_size": info.world_size, "config": cfg.to_dict(),
+                     "nonfinite_streak": streak, "last_good": last_good.name if last_good is not None else None}
             path = save_checkpoint(self.run_dir, done, weights, state, self.text_encoder.tokenizer,
-                                   keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every)
+                                   keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
+                                   protect=last_good if streak else None)
         barrier(info)  # nobody runs ahead (or exits) while rank 0 is still writing
+        self.saved_at = done
         return path
 
     def finish(self) -> PretrainResult:
@@ -258,16 +335,20 @@ class _Run:
                 save_pretrained(weights, self.run_dir / "final", self.text_encoder.tokenizer)
                 if self.logger.path.exists():
                     plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png")
+        summary = _data_counts(self.loader, self.info).summary()  # for the run's final line
         barrier(self.info)
         last = self.history[-1] if done_any and self.history else {}
         return PretrainResult(self.run_dir, self.end_step, last.get("loss", float("nan")), self.history,
-                              int(self.step.skipped))
+                              int(self.step.skipped), summary)
 
 
-def _check_sizes(cfg: Config, vocab_size: int) -> None:
+def _check_sizes(cfg: Config, text_encoder, info: DistInfo) -> None:
+    vocab_size = text_encoder.vocab_size
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; set model.vocab_size={vocab_size} or more")
+    if info.is_main and _vocab_note(cfg, text_encoder):
+        tqdm.write(_vocab_note(cfg, text_encoder))
     if cfg.data.text_len > cfg.model.max_text_len:
         raise ValueError(f"data.text_len={cfg.data.text_len} exceeds model.max_text_len={cfg.model.max_text_len}")
 
@@ -313,14 +394,11 @@ def _data_position(st: dict, info: DistInfo, ckpt: Path) -> dict:
     return data
 
 
-def _diverged_message(step: int, bad: int, last_ckpt: Path | None, tcfg) -> str:
-    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-    return (f"stopping at step {step}: {bad} steps in a row had a non-finite loss or gradient "
-            f"(train.max_nonfinite_steps={tcfg.max_nonfinite_steps}); {where}. Likely causes: a learning "
-            f"rate too high for this batch size (lower train.base_lr/train.lr or lengthen "
-            f"train.warmup_steps), fp16 overflow (use train.precision=bf16), no gradient clipping "
-            f"(train.grad_clip), or bad input data (NaN pixels, empty captions). Resume with "
-            f"--resume latest after changing the config.")
+def _data_counts(loader, info: DistInfo):
+    """The skip counter of every rank (each already sums its loader workers) added up."""
+    from ..data import SkipCounter
+
+    return SkipCounter.merged(gather_objects(loader.skips.state_dict(), info), loader.skips.source)
 
 
 def _git_commit() -> str | None:
@@ -333,4 +411,4 @@ def _git_commit() -> str | None:
         return None
 
 
-__all__ = ["pretrain", "PretrainResult", "TrainingDiverged"]
+__all__ = ["pretrain", "PretrainResult", "TrainingDiverged", "TrainingInterrupted"]

@@ -27,17 +27,17 @@ sys.path.insert(0, str(HERE))
 def measure_one(config: str, batch: int, ckpt: bool, device: str, precision: str, text_len: int) -> dict:
     from train_throughput import reset_rss_peak, synthetic_batches, vm_hwm_bytes
 
-    from m3ae.config import model_config
+    from m3ae.config import build_config
     from m3ae.losses import M3AELoss
     from m3ae.model import M3AE
 
     dev = torch.device(device)
-    cfg = model_config(config)
-    text_len = text_len or cfg.max_text_len
-    model = M3AE(cfg).to(dev).train()
+    cfg = build_config(config, None, [f"train.batch_size={batch}"] +
+                       ([f"data.text_len={text_len}", f"model.max_text_len={text_len}"] if text_len else []))
+    model = M3AE(cfg.model).to(dev).train()
     model.set_grad_checkpointing(ckpt)
-    b = synthetic_batches(cfg, batch, 1, text_len, min(10, text_len), min(25, text_len), dev)[0]
-    b.pop("longest")  # measured at the full padded length (no trimming): the larger case
+    # measured at the full padded length (no trimming): the larger case
+    b = {k: v.to(dev) for k, v in synthetic_batches(cfg, 1, 10, 25)[0].items()}
     # Gradients exist in a real step (and Adam's two moments would too): allocate them first
     # so the peak below is the step's own working memory on top of weights + grads.
     for p in model.parameters():
@@ -53,7 +53,7 @@ def measure_one(config: str, batch: int, ckpt: bool, device: str, precision: str
         if not reset_rss_peak():
             raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
     with autocast:
-        losses = M3AELoss()(model(**b, text_logits="fused"))
+        losses = M3AELoss()(model(**b, text_logits=False), text_head=model.text_head)
     losses.total.backward()
     if dev.type == "cuda":
         torch.cuda.synchronize()

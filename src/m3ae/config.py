@@ -80,9 +80,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(emb_dim=768, depth=12, num_heads=12, **_DECODER),
     "large": dict(emb_dim=1024, depth=24, num_heads=16, **_DECODER),
     "huge": dict(emb_dim=1280, depth=32, num_heads=16, **_DECODER),
-    # The CPU benchmark config of benchmarks/train_throughput.py (issue 7).
-    "bench-cpu": dict(image_size=64, patch_size=8, vocab_size=30522, max_text_len=32, emb_dim=192,
-                      depth=6, num_heads=3, dec_emb_dim=128, dec_depth=2, dec_num_heads=4),
 }
 for _size in ("small", "base", "large", "huge"):
     PRESETS[f"m3ae_{_size}_patch16"] = PRESETS[_size]
@@ -167,6 +164,10 @@ class TrainConfig:
     # numbers) did. False (default): MAE/timm's rule, no decay on any 1-D parameter.
     decay_norm_scales: bool = False
     norm_pix_loss: bool = False
+    # The text head scores only the masked tokens, fused with its cross-entropy so that the
+    # (tokens x vocabulary) logits are never stored (m3ae.ops.linear_cross_entropy). false:
+    # the head, then a log-softmax, on the same rows: the same losses and gradients, slower.
+    fused_text_loss: bool = True
     precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU) or "fp16" (GPU, gradient scaler)
     device: str = "auto"
     seed: int = 0

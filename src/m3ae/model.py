@@ -21,14 +21,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, model_config
-from .ops import Masking, gather_tokens, linear_cross_entropy, no_masking, patchify, random_masking, sincos_1d, sincos_2d
+from .ops import Masking, gather_tokens, no_masking, patchify, random_masking, sincos_1d, sincos_2d
 
 
 # ------------------------------------------------------------------------ blocks
-# Under CPU autocast, attend in float32 (see Attention.forward); a switch for benchmarks.
-FLOAT32_CPU_AUTOCAST_ATTENTION = True
-
-
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -49,10 +45,10 @@ class Attention(nn.Module):
             out = weights @ v
         else:
             weights = None
-            if FLOAT32_CPU_AUTOCAST_ATTENTION and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                # PyTorch's CPU attention kernels are 4-5x slower in bf16 than in float32
-                # (the backward especially; benchmarks/RESULTS.md), and attention is a small
-                # share of the FLOPs, so under CPU autocast attention runs in float32.
+            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+                # A fixed rule: PyTorch's CPU attention kernels are 4-5x slower in bf16 than
+                # in float32 (the backward especially; benchmarks/RESULTS.md), and attention
+                # is a small share of the FLOPs, so under CPU autocast it runs in float32.
                 with torch.autocast("cpu", enabled=False):
                     out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
             else:
@@ -114,38 +110,24 @@ class Transformer(nn.Module):
 
 
 # ------------------------------------------------------------------------ outputs
-class TextTokenLoss(NamedTuple):
-    """The text head's cross-entropy, computed inside the forward (``text_logits="fused"``).
-
-    ``per_sample_sum`` is the sum over samples of each sample's mean cross-entropy over its
-    masked tokens, and the only one that carries a gradient; ``nll`` and ``hit`` (1 where
-    the target is the top-1 prediction) are per masked token, in ``text_mask`` order.
-    """
-
-    per_sample_sum: torch.Tensor  # ()
-    nll: torch.Tensor             # (N,)
-    hit: torch.Tensor             # (N,)
-
-
 class M3AEOutput(NamedTuple):
     """What one training forward produces; the loss lives in :mod:`m3ae.losses`.
 
     ``image_mask`` / ``text_mask`` are True where the loss applies: positions hidden from
-    the encoder that hold a real patch / a real (non-padding) caption token. When the
-    forward was asked for ``text_logits="masked"``, ``text_logits`` is (N, V), one row per
-    True entry of ``text_mask`` in row-major order, which saves the head's work elsewhere.
-    With ``text_logits="fused"`` there are no logits: ``text_token_loss`` holds the text
-    head's cross-entropy, computed block by block without the (N, V) tensor.
+    the encoder that hold a real patch / a real (non-padding) caption token.
+    ``text_hidden`` holds the decoder's states at the caption positions (the text head's
+    input); ``text_logits`` the head's output at every position, unless the forward was
+    called with ``text_logits=False`` (training: the loss scores only the masked tokens).
     """
 
     image_pred: torch.Tensor | None    # (B, L_img, patch_dim)
     image_target: torch.Tensor | None  # (B, L_img, patch_dim), patchified input pixels
     image_mask: torch.Tensor | None    # (B, L_img) bool
-    text_logits: torch.Tensor | None   # (B, T, V) or (N, V)
+    text_logits: torch.Tensor | None   # (B, T, V)
     text_target: torch.Tensor | None   # (B, T) token ids
     text_mask: torch.Tensor | None     # (B, T) bool
     latent: torch.Tensor               # (B, 1 + slots, D) encoder output, CLS first
-    text_token_loss: TextTokenLoss | None = None  # text_logits="fused" only
+    text_hidden: torch.Tensor | None = None  # (B, T, decoder width)
 
 
 class EncoderOutput(NamedTuple):
@@ -384,12 +366,11 @@ class M3AE(nn.Module):
                 image_mask_ratio: float | None = None, text_mask_ratio: float | None = None,
                 generator: torch.Generator | None = None,
                 image_noise: torch.Tensor | None = None, text_noise: torch.Tensor | None = None,
-                text_logits: str = "all") -> M3AEOutput:
+                text_logits: bool = True) -> M3AEOutput:
         """Masked forward for pre-training. Mask ratios default to the config's.
 
-        ``text_logits="masked"`` computes the text head only where the loss needs it;
-        ``"fused"`` computes it there together with its cross-entropy (the fastest for
-        training, see :func:`m3ae.ops.linear_cross_entropy`), and returns no logits.
+        ``text_logits=False`` skips the text head: training scores only the masked tokens'
+        states in :mod:`m3ae.losses` (pass ``text_head=model.text_head`` to the loss).
         """
         cfg = self.config
         image_mask_ratio = cfg.image_mask_ratio if image_mask_ratio is None else image_mask_ratio
@@ -399,24 +380,16 @@ class M3AE(nn.Module):
             text_mask_ratio=text_mask_ratio, generator=generator, image_noise=image_noise,
             text_noise=text_noise)
         h_img, h_txt = self.forward_decoder(enc)
-        image_pred = image_mask = logits = text_mask = token_loss = None
+        image_pred = image_mask = logits = text_mask = None
         if enc.image_masking is not None:
             image_pred = self.image_head(h_img)
             image_mask = enc.image_masking.mask
         if enc.text_masking is not None:
             text_mask = enc.text_masking.mask
-            if text_logits == "masked":
-                logits = self.text_head(h_txt[text_mask])
-            elif text_logits == "all":
-                logits = self.text_head(h_txt)
-            elif text_logits == "fused":
-                count = text_mask.sum(1, keepdim=True)
-                row_weight = (1.0 / count.clamp_min(1)).expand_as(text_mask)[text_mask]
-                token_loss = TextTokenLoss(*linear_cross_entropy(
-                    h_txt[text_mask], self.text_head.weight, self.text_head.bias, text[text_mask], row_weight))
-            else:
-                raise ValueError("text_logits must be 'all', 'masked' or 'fused'")
-        return M3AEOutput(image_pred, patches, image_mask, logits, text, text_mask, enc.latent, token_loss)
+            logits = self.text_head(h_txt) if text_logits else None
+        else:
+            h_txt = None
+        return M3AEOutput(image_pred, patches, image_mask, logits, text, text_mask, enc.latent, h_txt)
 
     @torch.no_grad()
     def reconstruct(self, image=None, text=None, text_padding_mask=None, **kw) -> M3AEOutput:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -108,8 +109,10 @@ def num_kept(num_valid: torch.Tensor | int, mask_ratio: float):
     real (non-padding) tokens. At ratio 0.75 a caption of 10 real tokens keeps 2.
     """
     keep_frac = 1.0 - float(mask_ratio)
-    if isinstance(num_valid, int):
+    if isinstance(num_valid, (int, np.integer)):
         return int(num_valid * keep_frac + 1e-6)
+    if isinstance(num_valid, np.ndarray):  # host-side bookkeeping of a batch (no device read)
+        return np.floor(num_valid.astype(np.float64) * keep_frac + 1e-6).astype(np.int64)
     return torch.floor(num_valid.to(torch.float64) * keep_frac + 1e-6).long()
 
 
@@ -217,10 +220,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     row weights must be known in the forward (they are: per-sample means over masked
     tokens). Compared with ``linear`` + ``log_softmax`` + ``gather`` this saves the
     (N, V) log-probabilities, the (N, V) one-hot gradient and four passes over them.
+    Without ``need_grad`` (no_grad, or no input requires a gradient) only the loss is computed.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, row_weight, rows_per_block, compute_dtype):
+    def forward(ctx, h, weight, bias, target, row_weight, rows_per_block, compute_dtype, need_grad):
         n, d = h.shape
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums in >= float32
         # The bias rides along as an extra input column of ones: one plain matmul is
@@ -230,7 +234,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h_aug = torch.cat([h, h.new_ones(n, 1)], 1).to(compute_dtype)                 # (N, D+1)
         nll = torch.empty(n, dtype=acc, device=h.device)
         hit = torch.empty(n, dtype=acc, device=h.device)
-        grad_h = torch.empty(n, d, dtype=acc, device=h.device)
+        grad_h = torch.empty(n, d, dtype=acc, device=h.device) if need_grad else None
         grad_wb = None  # [dW | db], in acc
         row_weight = row_weight.to(acc)
         for s in range(0, n, rows_per_block):
@@ -243,6 +247,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(top).exp_()  # in place: the logits are not needed again
             z = probs.sum(-1, keepdim=True)
             nll[s:e] = (z.log() + top - target_logit).squeeze(1)
+            if not need_grad:
+                continue
             probs.mul_(wc / z).scatter_add_(1, tc, -wc)  # now w_i * (softmax - onehot)
             g = probs.to(compute_dtype)
             grad_h[s:e] = torch.mm(g, w_aug[:, :d])
@@ -252,16 +258,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.addmm(grad_wb, g.t(), hc, out=grad_wb)
             else:  # accumulate low-precision blocks in float32
                 grad_wb.add_(torch.mm(g.t(), hc))
+        ctx.mark_non_differentiable(nll, hit)
+        if not need_grad:
+            return (nll * row_weight).sum(), nll, hit
         if grad_wb is None:  # no rows
             grad_wb = w_aug.new_zeros(w_aug.shape, dtype=acc)
         ctx.save_for_backward(grad_h.to(h.dtype), grad_wb[:, :d].to(weight.dtype), grad_wb[:, d].to(bias.dtype))
-        ctx.mark_non_differentiable(nll, hit)
         return (nll * row_weight).sum(), nll, hit
 
     @staticmethod
     def backward(ctx, grad, _grad_nll, _grad_hit):
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        return grad_h * grad, grad_w * grad, grad_b * grad, None, None, None, None
+        return grad_h * grad, grad_w * grad, grad_b * grad, None, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -284,5 +292,6 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
     rows = max(1, block_elements // weight.shape[0])
+    need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (h, weight, bias))
     with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h, weight, bias, target, row_weight, rows, dtype)
+        return _LinearCrossEntropy.apply(h, weight, bias, target, row_weight, rows, dtype, need_grad)

@@ -4,23 +4,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from .data.transforms import denormalize
+from .ops import patchify, unpatchify
 
-from .data.transforms import denormalize  # noqa: E402
-from .ops import patchify, unpatchify  # noqa: E402
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplot_kw):
+    """A matplotlib figure and its axes, without pyplot: no GUI backend is chosen or
+    switched (a notebook user's backend stays as it was), and nothing is left open."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplot_kw)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out, write (creating folders) and close a matplotlib figure; returns the path."""
+    """Lay out and write (creating folders) a figure of :func:`new_figure`; returns the path."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
@@ -75,7 +78,7 @@ def save_reconstruction_grid(model, batch: dict, path: str | Path, text_encoder=
     out = model.reconstruct(image, text, pad, generator=generator)
     orig, masked, recon = (t.cpu() for t in reconstruction_images(model, image, out, norm_pix_loss))
     rows = image.shape[0]
-    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.3), squeeze=False)
+    fig, axes = new_figure(rows, 3, figsize=(7.5, 2.3 * rows + 0.3), squeeze=False)
     for i in range(rows):
         for j, (im, title) in enumerate(((orig, "original"), (masked, "masked"), (recon, "reconstruction"))):
             ax = axes[i, j]
@@ -110,7 +113,7 @@ def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path,
     rows = [r for r in rows if "step" in r and "loss" in r]
     # A panel that is 0 throughout (the text panels of an image-only run) says nothing: omit it.
     keys = [k for k in keys if any(r.get(k) for r in rows)] or list(keys[:1])
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
+    fig, axes = new_figure(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)
     for ax, k in zip(axes[0], keys):
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts])

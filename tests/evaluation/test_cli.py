@@ -56,6 +56,9 @@ def test_linear_probe_command_caches_features(tiny_model_dir, tmp_path, capsys):
     assert res["num_train"] == 120 and res["num_eval"] == 60 and res["num_classes"] == len(ShapesDataset.class_names)
     assert 0 <= res["top1"] <= 1 and res["top5"] is None and 0 <= res["knn_top1"] <= 1  # 4 classes: no top-5
     assert len(list(cache.glob("*.safetensors"))) == 4  # cls and mean pooling of both splits
+    # the resolved settings (defaults included) sit beside the results
+    settings = json.loads((tmp_path / "probe" / "settings.json").read_text())
+    assert settings["epochs"] == 10 and settings["train"] == "shapes:120:0" and "device" in settings
     # A second run reads the cache and reproduces the numbers.
     stamp = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert main(args) == 0

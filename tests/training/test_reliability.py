@@ -20,17 +20,17 @@ def _run(h, tiny, tmp_path, name, *extra, **kw):
 def _poison_loss_after(monkeypatch, good_calls: int):
     """Make every loss after the first ``good_calls`` NaN."""
     from m3ae.losses import M3AELoss
-    import m3ae.training.trainer as trainer
+    import m3ae.training.step as step
 
     class Poisoned(M3AELoss):
         calls = 0
 
-        def forward(self, out, *a):
-            res = super().forward(out, *a)
+        def forward(self, out, *a, **kw):
+            res = super().forward(out, *a, **kw)
             Poisoned.calls += 1
             return res._replace(total=res.total * float("nan")) if Poisoned.calls > good_calls else res
 
-    monkeypatch.setattr(trainer, "M3AELoss", Poisoned)
+    monkeypatch.setattr(step, "M3AELoss", Poisoned)
 
 
 def _named_checkpoint(msg: str) -> Path | None:

@@ -59,17 +59,17 @@ def test_image_only_run(h, tiny, tmp_path):
 
 def test_nonfinite_steps_stop_the_run_naming_the_checkpoint(h, tiny, tmp_path, monkeypatch):
     from m3ae.losses import M3AELoss
-    import m3ae.training.trainer as trainer
+    import m3ae.training.step as step
 
     class PoisonedAfter2(M3AELoss):
         calls = 0
 
-        def forward(self, out, *a):
-            res = super().forward(out, *a)
+        def forward(self, out, *a, **kw):
+            res = super().forward(out, *a, **kw)
             PoisonedAfter2.calls += 1
             return res._replace(total=res.total * float("nan")) if PoisonedAfter2.calls > 2 else res
 
-    monkeypatch.setattr(trainer, "M3AELoss", PoisonedAfter2)
+    monkeypatch.setattr(step, "M3AELoss", PoisonedAfter2)
     with pytest.raises(TrainingDiverged) as e:
         _run(h, tiny, tmp_path, "nan", "train.steps=10", "train.batch_size=2", "train.ckpt_every=1",
              "train.max_nonfinite_steps=3")
@@ -89,14 +89,14 @@ def test_nonfinite_steps_stop_the_run_naming_the_checkpoint(h, tiny, tmp_path, m
 def test_cli_reports_divergence_without_traceback(h, tiny, tmp_path, monkeypatch, capsys):
     from m3ae.cli import main
     from m3ae.losses import M3AELoss
-    import m3ae.training.trainer as trainer
+    import m3ae.training.step as step
 
     class AlwaysNan(M3AELoss):
-        def forward(self, out, *a):
-            res = super().forward(out, *a)
+        def forward(self, out, *a, **kw):
+            res = super().forward(out, *a, **kw)
             return res._replace(total=res.total * float("nan"))
 
-    monkeypatch.setattr(trainer, "M3AELoss", AlwaysNan)
+    monkeypatch.setattr(step, "M3AELoss", AlwaysNan)
     rc = main(["pretrain", "--out", str(tmp_path / "cli"), "--no-progress", *tiny, "train.steps=5",
                "train.batch_size=2", "train.max_nonfinite_steps=2"])
     err = capsys.readouterr().err

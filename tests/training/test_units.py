@@ -14,7 +14,7 @@ from m3ae.training.checkpoint import (WeightsView, kept_steps, list_checkpoints,
                                       save_checkpoint)
 from m3ae.training.distributed import DistInfo, env_rank_info
 from m3ae.training.loggers import read_metrics, truncate_metrics
-from m3ae.training.trainer import masking_noise
+from m3ae.training.step import masking_noise
 
 
 def test_rank_from_torchrun_then_slurm_then_single():
@@ -64,8 +64,9 @@ def test_loss_counts_and_global_normalisation(tiny_cfg, batch_factory):
     g = torch.Generator().manual_seed(0)
     inoise, tnoise = torch.rand(6, tiny_cfg.num_patches, generator=g), torch.rand(6, 8, generator=g)
     crit = M3AELoss()
-    out = model(image, text, pad, image_noise=inoise, text_noise=tnoise, text_logits="masked")
-    n_img, n_txt = loss_sample_counts(6, pad, tiny_cfg.num_patches, 0.75, 0.75)
+    out = model(image, text, pad, image_noise=inoise, text_noise=tnoise)
+    n_img, n_txt, n_tok = loss_sample_counts(6, pad, tiny_cfg.num_patches, 0.75, 0.75)
+    assert n_tok == int(out.text_mask.sum())  # the text head's rows, known before the forward
     # A 1-token caption keeps floor(0.25) = 0 tokens, so it is masked: every sample counts;
     # the counts are what the loss itself divides by.
     assert (n_img, n_txt) == (6, int(out.text_mask.any(1).sum())) == (6, 6)
@@ -75,14 +76,13 @@ def test_loss_counts_and_global_normalisation(tiny_cfg, batch_factory):
     # denominator, the mean of their losses is the full batch's loss (plain per-process means are not).
     halves = []
     for sl in (slice(0, 4), slice(4, 6)):
-        o = model(image[sl], text[sl], pad[sl], image_noise=inoise[sl], text_noise=tnoise[sl],
-                  text_logits="masked")
+        o = model(image[sl], text[sl], pad[sl], image_noise=inoise[sl], text_noise=tnoise[sl])
         halves.append((crit(o, 6 / 2, 6 / 2), crit(o)))
     assert torch.allclose((halves[0][0].total + halves[1][0].total) / 2, full.total, atol=1e-6)
     assert not torch.allclose((halves[0][1].total + halves[1][1].total) / 2, full.total, atol=1e-3)
     # Captions with a single real token at ratio 0.9 keep 0 and mask 1; no caption -> no text count.
-    assert loss_sample_counts(None, None, 64, 0.75, 0.75) == (0, 0)
-    assert loss_sample_counts(torch.tensor([True, False, True]), None, 64, 0.75, 0.9) == (2, 0)
+    assert loss_sample_counts(None, None, 64, 0.75, 0.75) == (0, 0, 0)
+    assert loss_sample_counts(torch.tensor([True, False, True]), None, 64, 0.75, 0.9) == (2, 0, 0)
 
 
 def _tiny_model():

@@ -1,14 +1,12 @@
 """m3ae embed: encoder features of a data set, written to .npy or .safetensors with labels and keys."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_model_args
+from .eval_common import DATA_HELP, add_eval_command
 
 
 def register(sub) -> None:
-    p = sub.add_parser("embed", help="write encoder features (image, text or both) to a file",
-                       description=__doc__ + " With .npy, labels and keys go to <stem>.labels.npy and "
-                                             "<stem>.keys.json beside it.")
-    add_model_args(p)
+    p = add_eval_command(sub, "embed", "write encoder features (image, text or both) to a file",
+                         __doc__ + " With .npy, labels and keys go to <stem>.labels.npy and <stem>.keys.json beside it.")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("-o", "--output", required=True, help="features.npy or features.safetensors")
     p.add_argument("--modality", default="image", choices=["image", "text", "both"])

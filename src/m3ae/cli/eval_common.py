@@ -9,6 +9,19 @@ DATA_HELP = ("labelled data: 'shapes[:N[:SEED]]' (built-in), an image folder roo
              "WebDataset shards with .cls (globs/brace patterns, several joined by '::')")
 
 
+def add_eval_command(sub, name: str, help: str, description: str, epilog: str = "",
+                     out: str | None = None) -> argparse.ArgumentParser:
+    """An evaluation subcommand's parser with the arguments every one of them takes
+    (pretrained model, --device, --batch-size, --no-progress, --debug); ``out`` makes
+    ``--out`` a required argument with that help."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    if out:
+        p.add_argument("--out", required=True, help=out)
+    return p
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="pretrained folder (config.json + model.safetensors [+ tokenizer.json]), "
                                  "e.g. RUN/final")
@@ -31,15 +44,16 @@ def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
                    help="feature cache (default $M3AE_CACHE/features or ~/.cache/m3ae/features)")
 
 
-def write_results(out: str | Path | None, name: str, results: dict) -> Path | None:
+def write_results(out: str | Path | None, name: str, results: dict, args: argparse.Namespace | None = None):
+    """Write ``results`` as JSON into ``out``; with ``args``, the resolved settings of the
+    command (every argument, defaults included) beside it as ``settings.json``."""
     if not out:
         return None
     path = Path(out) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
+    if args is not None:
+        settings = {k: v for k, v in vars(args).items() if not callable(v)}
+        (path.parent / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
     return path
 
-
-def check_positive(value: int | None, name: str) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")

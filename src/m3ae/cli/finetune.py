@@ -2,7 +2,7 @@
 layer-wise LR decay, label smoothing and crop/flip augmentation; top-1/top-5 per epoch."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_model_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, write_results
 
 EPILOG = """examples:
   m3ae finetune runs/demo/final --train shapes:5000:0 --val shapes:500:1 --out runs/ft --epochs 5
@@ -11,14 +11,10 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("finetune", help="fine-tune the encoder (all or last k blocks) as a classifier",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = add_eval_command(sub, "finetune", "fine-tune the encoder (all or last k blocks) as a classifier",
+                         __doc__, EPILOG, out="folder for the classifier and results.json")
     p.add_argument("--train", required=True, help="training split; " + DATA_HELP)
     p.add_argument("--val", required=True, help="evaluation split (same forms)")
-    p.add_argument("--out", required=True, help="folder for the classifier and results.json")
     p.add_argument("--last-blocks", type=int, default=None, help="train only the last K blocks (default: all)")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--base-lr", type=float, default=5e-4, help="LR = base-lr * batch / 256 (AdamW)")
@@ -61,7 +57,7 @@ def run(args) -> int:
     res.classifier.save(args.out)
     what = "all blocks" if args.last_blocks is None else f"last {args.last_blocks} block(s)"
     write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "trained": what,
-                                             "train": args.train, "val": args.val})
+                                             "train": args.train, "val": args.val}, args)
     print(f"fine-tuned {what}: top-1 {res.top1:.2%}{top5(res.as_dict())} (chance {res.chance:.2%}); "
           f"classifier in {args.out}")
     return 0

@@ -4,7 +4,7 @@ and (with --baselines random-init) the same encoder with random weights. Feature
 on disk (model + data hash)."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_feature_args, add_model_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
 
 EPILOG = """examples:
   m3ae linear-probe runs/demo/final --train shapes:2000:0 --val shapes:500:1
@@ -15,11 +15,7 @@ BASELINES = ("pixels", "random-init")
 
 
 def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("linear-probe", help="linear probe + kNN on frozen encoder features", description=__doc__,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = add_eval_command(sub, "linear-probe", "linear probe + kNN on frozen encoder features", __doc__, EPILOG)
     p.add_argument("--train", required=True, help="training split; " + DATA_HELP)
     p.add_argument("--val", required=True, help="evaluation split (same forms)")
     p.add_argument("--limit-train", type=int, default=None)
@@ -137,7 +133,7 @@ def run(args) -> int:
         write_results(args.out, "results.json", {
             **first.as_dict(), "pool": pools[0], "by_pool": {p: r.as_dict() for p, r in results.items()},
             "baselines": baseline_json, "model": str(args.model), "train": args.train, "val": args.val,
-            "block": args.block})
+            "block": args.block}, args)
         for i, (p, r) in enumerate(results.items()):
             save_safetensors(r.probe.state_dict(), Path(args.out) / ("probe.safetensors" if i == 0 else
                                                                      f"probe_{p}.safetensors"))

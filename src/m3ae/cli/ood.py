@@ -3,7 +3,7 @@ covariance of encoder features, fitted on in-distribution training data) and max
 probability (of a linear probe, or of a fine-tuned classifier); AUROC, FPR at 95% TPR, ROC PNG."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_feature_args, add_model_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
 
 EPILOG = """example (the paper's CIFAR-100 vs CIFAR-10 has the same shape):
   m3ae ood runs/c10/final --id-train '../shared/data/cifar10/train-*.tar.gz' \\
@@ -13,15 +13,11 @@ EPILOG = """example (the paper's CIFAR-100 vs CIFAR-10 has the same shape):
 
 
 def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("ood", help="OOD detection: Mahalanobis and MSP, AUROC / FPR@95 and ROC curves",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = add_eval_command(sub, "ood", "OOD detection: Mahalanobis and MSP, AUROC / FPR@95 and ROC curves",
+                         __doc__, EPILOG, out="folder for results.json and roc.png")
     p.add_argument("--id-train", required=True, help="in-distribution training data (labelled); " + DATA_HELP)
     p.add_argument("--id-test", required=True, help="in-distribution test data")
     p.add_argument("--ood", required=True, help="out-of-distribution test data (labels not needed)")
-    p.add_argument("--out", required=True, help="folder for results.json and roc.png")
     p.add_argument("--classifier", default=None, help="fine-tuned classifier folder (m3ae finetune --out) for MSP; "
                                                       "default: a linear probe trained on --id-train")
     p.add_argument("--limit-train", type=int, default=None)
@@ -66,6 +62,6 @@ def run(args) -> int:
     write_results(args.out, "results.json", {"metrics": res.metrics, "id_accuracy": res.id_accuracy,
                                              "msp_from": msp_from, "num_id": len(id_test), "num_ood": len(ood),
                                              "model": str(args.model), "id_train": args.id_train,
-                                             "id_test": args.id_test, "ood": args.ood})
+                                             "id_test": args.id_test, "ood": args.ood}, args)
     print(f"wrote {png} and {Path(args.out) / 'results.json'}")
     return 0

@@ -4,7 +4,7 @@ attention rollout by default) and a t-SNE of encoder features coloured by class 
 side by side with --compare)."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_model_args
+from .eval_common import DATA_HELP, add_eval_command
 
 WHAT = ("recon", "attention", "tsne")
 EPILOG = """examples:
@@ -14,11 +14,7 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("visualize", help="reconstructions, cross-modal attention maps, t-SNE",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = add_eval_command(sub, "visualize", "reconstructions, cross-modal attention maps, t-SNE", __doc__, EPILOG)
     p.add_argument("--data", required=True, help=DATA_HELP + " (captions needed for text pictures)")
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.add_argument("--what", default=",".join(WHAT), help="comma-separated subset of recon,attention,tsne")

@@ -2,7 +2,7 @@
 a prompt ("a photo of a {}."), with only the class-name tokens masked; accuracy vs chance."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_model_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, write_results
 
 EPILOG = """examples:
   m3ae zero-shot runs/demo/final --data shapes:500:1 --template 'a picture of a [MASK] {}'
@@ -12,11 +12,7 @@ EPILOG = """examples:
 
 
 def register(sub) -> None:
-    import argparse
-
-    p = sub.add_parser("zero-shot", help="zero-shot classification by reconstructing class names",
-                       description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = add_eval_command(sub, "zero-shot", "zero-shot classification by reconstructing class names", __doc__, EPILOG)
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("--template", default="a photo of a {}.", help="prompt with one {} for the class name")
     p.add_argument("--classes", default=None, help="comma-separated class names (default: the data's)")
@@ -51,7 +47,7 @@ def run(args) -> int:
     print("predicted:", ", ".join(f"{k} {v}" for k, v in res.per_class_predictions.items()))
     if args.out:
         write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "data": args.data,
-                                                 "template": args.template, "normalize": args.normalize})
+                                                 "template": args.template, "normalize": args.normalize}, args)
         png = plot_confusion(res, names, Path(args.out) / "confusion.png",
                              title=f"zero-shot on {data_name(args.data)}: {res.accuracy:.1%} (chance {res.chance:.1%})")
         print(f"wrote {Path(args.out) / 'results.json'} and {png}")

@@ -44,9 +44,6 @@ class DataNotFound(FileNotFoundError):
     """A configured path, file or shard pattern that does not exist or matches nothing."""
 
 
-# Pillow refuses images above ~179 MP by raising; below that it only warns. A web crawl has
-# a few such files; they are decoded (at reduced size when a JPEG), not treated as attacks.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -89,7 +86,11 @@ def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0) -
             raise BadSample("empty_file", key)
         src = io.BytesIO(data)
     try:
-        img = Image.open(src)
+        with warnings.catch_warnings():
+            # Pillow refuses images above ~179 MP by raising; below that it only warns. A web
+            # crawl has a few such files; they are decoded (reduced when a JPEG), not attacks.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(src)
         if min_side and img.format == "JPEG":
             w, h = img.size
             scale = min(w, h) / min_side

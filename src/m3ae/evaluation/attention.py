@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..model import M3AE
-from ..visualize import save_figure
+from ..visualize import new_figure, save_figure
 
 
 def attention_rollout(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -93,10 +93,7 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
 
     ``word`` defaults to each caption's last content word (:func:`last_content_word`);
     ``patch`` (row-major index) to the centre."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     from ..data.transforms import denormalize
 
@@ -114,7 +111,7 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
     pixels = denormalize(image).cpu()
     how = "rollout" if layer == "rollout" else f"layer {layer}"
     rows = image.shape[0]
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 2.6 * rows), squeeze=False,
+    fig, axes = new_figure(rows, 3, figsize=(9, 2.6 * rows), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for i in range(rows):
         tokens = text_encoder.decode_tokens(text[i][~pad[i]].cpu())
@@ -122,8 +119,8 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
         img = pixels[i].permute(1, 2, 0).numpy()
         axes[i, 0].imshow(img)
         py, px = divmod(patch, g)
-        axes[i, 0].add_patch(plt.Rectangle((px * cfg.patch_size - 0.5, py * cfg.patch_size - 0.5),
-                                           cfg.patch_size, cfg.patch_size, fill=False, ec="cyan", lw=1.5))
+        axes[i, 0].add_patch(Rectangle((px * cfg.patch_size - 0.5, py * cfg.patch_size - 0.5),
+                                       cfg.patch_size, cfg.patch_size, fill=False, ec="cyan", lw=1.5))
         axes[i, 0].set_title("image (patch in cyan)", fontsize=8)
         axes[i, 1].imshow(img)
         if w is None:

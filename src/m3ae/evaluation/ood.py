@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ..visualize import save_figure
+from ..visualize import new_figure, save_figure
 
 
 # ---------------------------------------------------------------------------- scores
@@ -135,12 +135,7 @@ def ood_scores(id_train, id_test, ood_test, probe=None, probe_epochs: int = 90, 
 
 
 def plot_roc(result: OODResult, path: str | Path, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = new_figure(figsize=(4.2, 4))
     for name, (a, b) in result.scores.items():
         fpr, tpr, _ = roc_curve(a, b)
         m = result.metrics[name]

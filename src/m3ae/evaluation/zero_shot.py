@@ -182,17 +182,12 @@ def zero_shot_classify(model: M3AE, text_encoder: TextEncoder, loader, class_nam
 
 def plot_confusion(result: ZeroShotResult, class_names: list[str], path, title: str = ""):
     """The zero-shot confusion matrix as a PNG (rows: true class, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..visualize import save_figure
+    from ..visualize import new_figure, save_figure
 
     c = torch.tensor(result.confusion, dtype=torch.float)
     share = (c / c.sum(1, keepdim=True).clamp_min(1)).numpy()
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
+    fig, ax = new_figure(figsize=(1.2 + 0.45 * n, 1.0 + 0.45 * n))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="share of the true class")
     if n <= 30:

@@ -1,6 +1,6 @@
 """Training: optimiser and schedule, checkpoints, the pre-training loop."""
 from .optim import build_optimizer, build_scheduler, lr_at, param_groups
-from .trainer import PretrainResult, TrainingDiverged, pretrain, resolve_device
+from .trainer import PretrainResult, TrainingDiverged, pretrain
 
-__all__ = ["pretrain", "PretrainResult", "TrainingDiverged", "resolve_device", "build_optimizer", "build_scheduler", "lr_at",
+__all__ = ["pretrain", "PretrainResult", "TrainingDiverged", "build_optimizer", "build_scheduler", "lr_at",
            "param_groups"]

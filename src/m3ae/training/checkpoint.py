@@ -7,7 +7,6 @@ when complete, so a crash never leaves a half-written checkpoint that looks fini
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from pathlib import Path
@@ -211,6 +210,3 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 def load_trainer_state(path: Path) -> dict:
     return torch.load(Path(path) / STATE_NAME, map_location="cpu", weights_only=False)
 
-
-def is_finite_number(x: float) -> bool:
-    return math.isfinite(x)

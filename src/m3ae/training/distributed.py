@@ -135,7 +135,7 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """DDP (default) or FSDP2 around ``module``; unchanged in a single process.
 
     DDP runs without ``find_unused_parameters``: the training step ties every parameter into
-    the graph (see ``trainer._TrainStep``), so an image-only or text-only batch is fine.
+    the graph (see :class:`m3ae.training.step.LossModule`), so an image-only or text-only batch is fine.
     FSDP2 shards each encoder/decoder block, then the rest of the model.
     """
     if strategy not in ("ddp", "fsdp"):

@@ -25,16 +25,19 @@ CAUSES = ("Likely causes: a learning rate too high for this batch size (lower tr
           "clipping (train.grad_clip), or bad input data (NaN pixels, empty captions).")
 
 
-def parameters_finite(params, info: DistInfo) -> bool:
-    """True when every parameter is finite on every rank (one reduction; under FSDP each rank
-    holds only its shard, so the ranks' answers are combined)."""
+def nonfinite_parameters(params, info: DistInfo) -> torch.Tensor:
+    """How many parameters hold a non-finite value, over every rank, as a device tensor (one
+    reduction and no host read; under FSDP each rank holds only its shard)."""
     local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
     if not local:
-        return True
+        return torch.zeros(1)
     bad = (~torch.stack([torch.isfinite(t).all() for t in local])).sum().float().reshape(1)
-    if info.distributed:
-        bad = all_reduce_sum(bad, info)
-    return bool(bad.item() == 0)
+    return all_reduce_sum(bad, info) if info.distributed else bad
+
+
+def parameters_finite(params, info: DistInfo) -> bool:
+    """True when every parameter is finite on every rank (reads the answer on the host)."""
+    return bool(nonfinite_parameters(params, info).item() == 0)
 
 
 def _fallback(last_good: Path | None, first_bad: int) -> str:

@@ -37,3 +37,9 @@ def test_invalid_model_numbers():
         model_config("tiny", image_size=30)
     with pytest.raises(KeyError):
         model_config("gigantic")
+
+
+def test_quarter_mask_fraction_is_a_fraction():
+    assert build_config("tiny", None, ["train.quarter_mask_fraction=0.5"]).train.quarter_mask_fraction == 0.5
+    with pytest.raises(ValueError, match="quarter_mask_fraction must be in"):
+        build_config("tiny", None, ["train.quarter_mask_fraction=1.5"])

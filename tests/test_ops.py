@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3ae.ops import (gather_tokens, linear_cross_entropy, no_masking, num_kept, patchify, random_masking, sincos_1d,
+from m3ae.ops import (gather_tokens, hide_a_quarter_first, linear_cross_entropy, no_masking, num_kept, patchify, random_masking, sincos_1d,
                      sincos_2d, unpatchify)
 
 
@@ -93,6 +93,24 @@ def test_masking_noise_is_reproducible():
     a, b = random_masking(valid, 0.6, noise=noise), random_masking(valid, 0.6, noise=noise)
     assert torch.equal(a.ids_shuffle, b.ids_shuffle)
     assert torch.equal(a.ids_keep, noise.argsort(1)[:, :4])
+
+
+def test_hide_a_quarter_first_hides_one_whole_quarter_in_the_chosen_rows():
+    torch.manual_seed(0)
+    noise = torch.rand(400, 64)  # an 8 x 8 grid
+    out = hide_a_quarter_first(noise, 300)
+    assert torch.equal(out[300:], noise[300:])  # rows past the first 300 keep uniform masking
+    quarter = torch.tensor([[r // 4 * 2 + c // 4 for c in range(8)] for r in range(8)]).reshape(-1)
+    hidden = random_masking(torch.ones(400, 64, dtype=torch.bool), 0.5, noise=out, all_valid=True).mask[:300]
+    chosen = []
+    for row, h in enumerate(hidden):
+        whole = [q for q in range(4) if h[quarter == q].all()]
+        assert len(whole) >= 1 and h.sum() == 32
+        chosen.append(quarter[noise[row].argmax()].item())
+        assert chosen[-1] in whole
+    assert torch.bincount(torch.tensor(chosen), minlength=4).min() > 50  # every quarter, about equally
+    with pytest.raises(ValueError, match="square"):
+        hide_a_quarter_first(torch.rand(2, 10), 1)
 
 
 def test_no_masking_and_gather():

@@ -149,6 +149,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 0.0  # max global gradient norm; 0 = off (official code: 1e9; MAE: none)
+    # Fraction of each batch (its first rows; batches are shuffled) whose image mask hides
+    # one whole random quarter of the image first, the rest of the ratio at random (see
+    # m3ae.ops.hide_a_quarter_first). 0 = the paper's uniform masking.
+    quarter_mask_fraction: float = 0.0
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5
     # How the masked-token cross-entropy is averaged over samples: "batch" divides the sum of
@@ -187,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
         if self.text_loss_norm not in ("batch", "text"):
             raise ValueError(f"train.text_loss_norm must be 'batch' or 'text', got {self.text_loss_norm!r}")
+        if not 0.0 <= self.quarter_mask_fraction <= 1.0:
+            raise ValueError(f"train.quarter_mask_fraction must be in [0, 1], got {self.quarter_mask_fraction}")
         if self.accum_steps < 1 or self.batch_size < 1:
             raise ValueError("train.batch_size and train.accum_steps must be at least 1")
         for name in ("lr", "base_lr"):

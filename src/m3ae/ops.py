@@ -6,6 +6,7 @@ converters all call these functions rather than re-deriving the layouts.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -147,6 +148,29 @@ def random_masking(valid: torch.Tensor, mask_ratio: float, *,
         slot_valid = torch.arange(slots, device=valid.device)[None, :] < keep[:, None]
         mask = (rank >= keep[:, None]) & valid
     return Masking(ids_shuffle, ids_restore, slot_valid, mask)
+
+
+def hide_a_quarter_first(noise: torch.Tensor, rows: int) -> torch.Tensor:
+    """Image masking noise (B, g*g) of a g x g patch grid -> the same where, in the first
+    ``rows`` rows, the quarter of the grid holding the row's largest value is raised by 1, so
+    :func:`random_masking` hides that whole quarter before any other patch (when the ratio
+    hides at least a quarter; the other hidden patches stay uniformly random).
+
+    The quarter is as random as the noise; the rows are the first of a shuffled batch, so
+    which samples get it is random too. Whole objects then vanish from the image often, which
+    uniform masking rarely does to an object of several patches: then only the caption can
+    say what was there (the demo uses it to make text->image reconstruction common)."""
+    b, length = noise.shape
+    g = math.isqrt(length)
+    if g * g != length:
+        raise ValueError(f"image noise length {length} is not a square patch grid")
+    half = torch.arange(g, device=noise.device) * 2 // g  # 0 = first half, 1 = second half
+    quarter_of = (half[:, None] * 2 + half[None, :]).reshape(-1)  # (L,) quarter index per patch
+    rows = min(rows, b)
+    chosen = quarter_of[noise[:rows].argmax(1)]  # (rows,)
+    out = noise.clone()
+    out[:rows] += (quarter_of[None, :] == chosen[:, None]).to(noise.dtype)
+    return out
 
 
 def no_masking(valid: torch.Tensor, all_valid: bool = False) -> Masking:

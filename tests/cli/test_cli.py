@@ -63,10 +63,11 @@ def test_tokenizer_train_and_encode(tmp_path):
 
 
 def test_demo_writes_its_outputs(tmp_path):
-    p = m3ae("demo", "--out", tmp_path / "demo", "--no-progress", "--eval-samples", "20", "train.steps=2",
+    p = m3ae("demo", "--out", tmp_path / "demo", "--no-progress", "--eval-samples", "20", "--probe-samples", "40",
+             "train.steps=2",
              "train.recon_every=0", *SMALL)
-    assert "masked-token accuracy" in p.stdout
-    for name in ("summary.md", "reconstructions.png", "loss_curve.png", "final/model.safetensors",
-                 "final/tokenizer.json"):
+    assert "colour words:" in p.stdout and "try next" in p.stdout
+    for name in ("summary.md", "summary.json", "reconstructions.png", "cross_modal.png", "loss_curve.png",
+                 "final/model.safetensors", "final/tokenizer.json"):
         assert (tmp_path / "demo" / name).is_file(), name
-    assert "| colour words |" in (tmp_path / "demo" / "summary.md").read_text()
+    assert "colour words:" in (tmp_path / "demo" / "summary.md").read_text()

@@ -53,8 +53,8 @@ def test_linear_probe_command_caches_features(tiny_model_dir, tmp_path, capsys):
             "--epochs", "10", "--cache-dir", str(cache), "--out", str(tmp_path / "probe"), *Q]
     assert main(args) == 0
     res = json.loads((tmp_path / "probe" / "results.json").read_text())
-    assert res["num_train"] == 120 and res["num_eval"] == 60 and res["num_classes"] == 5
-    assert 0 <= res["top1"] <= 1 and res["top5"] is None and 0 <= res["knn_top1"] <= 1  # 5 classes: no top-5
+    assert res["num_train"] == 120 and res["num_eval"] == 60 and res["num_classes"] == len(ShapesDataset.class_names)
+    assert 0 <= res["top1"] <= 1 and res["top5"] is None and 0 <= res["knn_top1"] <= 1  # 4 classes: no top-5
     assert len(list(cache.glob("*.safetensors"))) == 4  # cls and mean pooling of both splits
     # the resolved settings (defaults included) sit beside the results
     settings = json.loads((tmp_path / "probe" / "settings.json").read_text())
@@ -79,7 +79,7 @@ def test_finetune_command(tiny_model_dir, tmp_path):
     torch.testing.assert_close(clf.model.encoder.blocks[0].attn.qkv.weight, pre.encoder.blocks[0].attn.qkv.weight)
     assert not torch.equal(clf.model.encoder.blocks[1].attn.qkv.weight, pre.encoder.blocks[1].attn.qkv.weight)
     logits, labels = clf.predict_logits_loader(make_loader(load_labelled("shapes:32:1", 32), batch_size=16))
-    assert logits.shape == (32, 5)
+    assert logits.shape == (32, ShapesDataset.num_classes)
     assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(res["top1"])
 
 
@@ -100,7 +100,7 @@ def test_zero_shot_command(tiny_model_dir, tmp_path, capsys):
     assert main(["zero-shot", str(tiny_model_dir), "--data", "shapes:20:1", "--template",
                  "a picture of a [MASK] [MASK] {}", "--out", str(tmp_path), *Q]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["num_samples"] == 20 and res["chance"] == 0.2
+    assert res["num_samples"] == 20 and res["chance"] == 1 / ShapesDataset.num_classes
     assert sum(res["per_class_predictions"].values()) == 20
     assert "zero-shot accuracy" in capsys.readouterr().out
 

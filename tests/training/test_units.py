@@ -49,6 +49,12 @@ def test_masking_noise_rows_follow_the_samples():
     # rank r holds the global rows r, r + 2, r + 4 (the sampler's striding)
     assert torch.equal(parts[0], full[0::2]) and torch.equal(parts[1], full[1::2])
     assert not torch.equal(full, masking_noise(3, 6, 0, 6, 10, DistInfo(), torch.device("cpu")))
+    # A quarter hidden first in half the global batch: chosen before the rows are split.
+    full = masking_noise(3, 5, 0, 6, 16, DistInfo(), torch.device("cpu"), quarter_fraction=0.5)
+    parts = [masking_noise(3, 5, 0, 3, 16, DistInfo(rank=r, world_size=2), torch.device("cpu"), 0.5)
+             for r in range(2)]
+    assert torch.equal(parts[0], full[0::2]) and torch.equal(parts[1], full[1::2])
+    assert (full[:3] >= 1).sum(1).tolist() == [4, 4, 4] and (full[3:] < 1).all()
 
 
 def test_loss_counts_and_global_normalisation(tiny_cfg, batch_factory):

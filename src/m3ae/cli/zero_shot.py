@@ -5,7 +5,7 @@ from __future__ import annotations
 from .eval_common import DATA_HELP, add_eval_command, write_results
 
 EPILOG = """examples:
-  m3ae zero-shot runs/demo/final --data shapes:500:1 --template 'a picture of a [MASK] [MASK] {}'
+  m3ae zero-shot runs/demo/final --data shapes:500:1 --template 'a picture of a [MASK] {}'
   m3ae zero-shot runs/x/final --data '../shared/data/cifar10/test-000000.tar.gz' --limit 1000
 [MASK] in the template hides a caption word that is not scored (one the prompt cannot know).
 """

@@ -1,6 +1,6 @@
 """Labelled data for evaluation, named by one string (a *data spec*):
 
-- ``shapes`` or ``shapes:N`` or ``shapes:N:SEED`` -- the built-in shapes (5 classes). Use
+- ``shapes`` or ``shapes:N`` or ``shapes:N:SEED`` -- the built-in shapes (4 classes). Use
   different seeds for a train and an evaluation split (``shapes:2000:0``, ``shapes:500:1``).
 - a folder of class sub-folders (``root/CLASS/xxx.jpg``), classes in sorted order as
   torchvision's ``ImageFolder`` numbers them;

@@ -43,7 +43,7 @@ from ..config import Config
 from ..data import model_inputs
 from ..losses import LossCounts, LossOutput, M3AELoss, loss_sample_counts
 from ..model import M3AE
-from ..ops import trim_text_padding
+from ..ops import hide_a_quarter_first, trim_text_padding
 from .checkpoint import WeightsView
 from .distributed import DistInfo, all_reduce_sum, wrap_model
 from .nonfinite import nonfinite_parameters
@@ -77,13 +77,17 @@ class LossModule(nn.Module):
 
 
 def masking_noise(seed: int, micro_step: int, stream: int, rows: int, length: int, info: DistInfo,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, quarter_fraction: float = 0.0) -> torch.Tensor:
     """This process's rows of the global batch's masking noise (see the module docstring).
 
-    Rank ``r`` holds global rows ``r, r + W, r + 2W, ...`` (the sampler's striding)."""
+    Rank ``r`` holds global rows ``r, r + W, r + 2W, ...`` (the sampler's striding).
+    ``quarter_fraction`` > 0 (image noise): that fraction of the global batch hides a whole
+    quarter of the image first (:func:`m3ae.ops.hide_a_quarter_first`)."""
     g = torch.Generator(device=device).manual_seed(
         (seed * 1_000_003 + micro_step * 2 + stream) % (2**63 - 1))
     full = torch.rand(rows * info.world_size, length, generator=g, device=device)
+    if quarter_fraction > 0:
+        full = hide_a_quarter_first(full, round(quarter_fraction * full.shape[0]))
     return full[info.rank::info.world_size]
 
 
@@ -185,8 +189,8 @@ class TrainStep:
         batch["text"], batch["text_padding_mask"] = trim_text_padding(
             batch.get("text"), batch.get("text_padding_mask"), plan.trimmed_len)
         x = model_inputs(batch, info.device)
-        img_noise = (masking_noise(seed, micro_step, 0, plan.rows, mcfg.num_patches, info, info.device)
-                     if x["image"] is not None else None)
+        img_noise = (masking_noise(seed, micro_step, 0, plan.rows, mcfg.num_patches, info, info.device,
+                                   self.cfg.train.quarter_mask_fraction) if x["image"] is not None else None)
         # Noise for the untrimmed length, then sliced: a token's noise does not depend on how
         # long the other captions of its batch (or of another rank's batch) are.
         txt_noise = (masking_noise(seed, micro_step, 1, plan.rows, plan.text_len, info, info.device)

@@ -59,14 +59,15 @@ def end_to_end(args, out: Path) -> dict:
     return {"command": " ".join(cmd), "samples_per_s": statistics.median(windows), "windows": windows}
 
 
-def step_only(args) -> dict:
-    sys.path.insert(0, str(HERE))
-    import train_throughput
-
-    argv = ["--steps", str(args.step_steps), "--warmup", "3", "--device", "cpu", *args.overrides]
+def step_only(args, folder: Path) -> dict:
+    """train_throughput.py on the same config, in a fresh process like the end-to-end run."""
+    out = folder / "step.json"
+    cmd = [sys.executable, str(HERE / "train_throughput.py"), "--steps", str(args.step_steps), "--warmup", "3",
+           "--device", "cpu", "--json", str(out), *args.overrides]
     if args.threads:
-        argv += ["--threads", str(args.threads)]
-    return train_throughput.run(train_throughput.parse_args(argv))
+        cmd += ["--threads", str(args.threads)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
 
 
 def main(argv=None) -> dict:
@@ -83,7 +84,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         e2e = end_to_end(args, Path(tmp) / "run")
-    step = step_only(args)
+        step = step_only(args, Path(tmp))
     r = {"end_to_end_samples_per_s": e2e["samples_per_s"], "step_samples_per_s": step["samples_per_s"],
          "ratio": e2e["samples_per_s"] / step["samples_per_s"], "end_to_end": e2e,
          "step": {k: step[k] for k in ("command", "samples_per_s", "step_time_median_s", "mfu", "train")},

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from m3ae.config import PRESETS
+from m3ae.pretrained import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TIN = "tiny-imagenet-captions"
@@ -415,7 +416,7 @@ def do_run(spec: RunSpec, mode: dict, data: Path, out: Path, tokenizer: Path, de
         if spec.kind == "m3ae" and "caption_diag" not in result and _take(run_dir):
             try:  # a result written before the diagnostic existed is completed, not redone
                 result["caption_diag"] = caption_diagnostic(run_dir, data, device)
-                _write_json(result_path, result)
+                write_json_atomic(result_path, result)  # a result file is complete or absent
             finally:
                 (run_dir / "running.pid").unlink(missing_ok=True)
         return result
@@ -454,14 +455,9 @@ def _do_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, tokenizer: Pat
         "pretrain_seconds": t_pre, "eval_seconds": t_eval, **ev, "pictures": pictures,
         "config": cfg.to_dict(), "device": device, "started_at": started, "finished_at": time.time(),
     }
-    _write_json(result_path, result)
+    write_json_atomic(result_path, result)  # a result file is complete or absent
     return result
 
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)  # a result file is complete or absent
 
 
 # ------------------------------------------------------------------------------ report

@@ -39,7 +39,9 @@ SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "m
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size): as given, else from torch.distributed when initialised, else (0, 1)."""
+    """(rank, world size): as given, else the initialised process group's, else (0, 1). Not the
+    launcher's RANK/WORLD_SIZE (see :func:`m3ae.training.distributed.env_rank_info`): a process
+    that joined no group (an evaluation started by torchrun) reads all the data itself."""
     if rank is None or world_size is None:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():

@@ -44,9 +44,7 @@ class DataNotFound(FileNotFoundError):
     """A configured path, file or shard pattern that does not exist or matches nothing."""
 
 
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Transparent pixels are composited on white, as a
     browser shows them (their stored colour is often arbitrary); 16/32-bit greyscale is
     scaled to 8 bits rather than clipped, which would turn most 16-bit images white."""
@@ -98,7 +96,7 @@ def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0) -
                 img.draft(img.mode, (int(w / scale) + 1, int(h / scale) + 1))
         img = ImageOps.exif_transpose(img)  # also loads the pixels, so truncation shows here
         img.load()
-        return _to_rgb(img)
+        return to_rgb(img)
     except BadSample:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ...

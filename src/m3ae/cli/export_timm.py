@@ -21,12 +21,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..interop.timm import to_timm
-    from ..pretrained import load_pretrained, save_safetensors
+    from ..model import M3AE
+    from ..pretrained import save_safetensors
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the output must be a .safetensors file")
-    model = load_pretrained(args.pretrained)
+    model = M3AE.from_pretrained(args.pretrained)
     sd, kwargs = to_timm(model)
     save_safetensors(sd, out, metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
     print(f"wrote {out}: timm VisionTransformer, {sum(v.numel() for v in sd.values()):,} parameters")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_debug_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -12,7 +14,7 @@ def register(sub) -> None:
                     "under 'timm_kwargs'; see docs/interop.md for loading it in timm.")
     p.add_argument("pretrained", metavar="PRETRAINED_DIR", help="pretrained folder (or cached Hub repo id)")
     p.add_argument("out", metavar="OUT.safetensors", help="where to write the timm state dict")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_arg(p)
     p.set_defaults(func=run)
 
 

@@ -22,6 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig, model_config
 from .ops import Masking, gather_tokens, no_masking, patchify, random_masking, sincos_1d, sincos_2d
+from .pretrained import (load_state_dict_checked, push_to_hub, read_model_config, read_weights,
+                         resolve_pretrained, save_pretrained)
 
 
 # ------------------------------------------------------------------------ blocks
@@ -217,18 +219,20 @@ class M3AE(nn.Module):
 
     def save_pretrained(self, directory, tokenizer=None):
         """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory``."""
-        from .pretrained import save_pretrained
         return save_pretrained(self, directory, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str = "cpu", revision: str | None = None) -> M3AE:
-        """Load a pretrained folder, or a Hub repo id already in the local HF cache (no downloads)."""
-        from .pretrained import load_pretrained
-        return load_pretrained(directory, map_location, revision=revision)
+    def from_pretrained(cls, directory, map_location: str = "cpu", revision: str | None = None,
+                        strict: bool = True) -> M3AE:
+        """Load a pretrained folder, or a Hub repo id already in the local HF cache (no downloads;
+        see :func:`m3ae.pretrained.resolve_pretrained`)."""
+        directory = resolve_pretrained(directory, revision)
+        model = cls(read_model_config(directory))
+        load_state_dict_checked(model, read_weights(directory, map_location), strict=strict)
+        return model
 
     def push_to_hub(self, repo_id: str, tokenizer=None, **kwargs) -> str:
         """Upload to the Hugging Face Hub (optional extra ``hub``); see :func:`m3ae.pretrained.push_to_hub`."""
-        from .pretrained import push_to_hub
         return push_to_hub(self, repo_id, tokenizer, **kwargs)
 
     def _type(self, name: str) -> torch.Tensor | float:

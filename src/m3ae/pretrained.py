@@ -1,5 +1,9 @@
 """Pretrained directories: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
+Reading and writing the files only: this module knows no model class (``M3AE.from_pretrained``
+builds the model from :func:`read_model_config` and :func:`read_weights`), so the dependency
+runs one way, ``model`` -> ``pretrained``.
+
 The layout of a Hugging Face Hub model repository, so ``huggingface_hub`` can push and pull
 it. Training checkpoints use the same layout plus a ``trainer_state.pt``.
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._version import __version__
 from .config import ModelConfig
 from .io import atomic_write
 
@@ -41,8 +46,6 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
     """Write the model (and optionally its tokenizer) to ``directory``."""
-    from . import __version__
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -87,23 +90,12 @@ def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = N
         "network), then load it again by the same name.")
 
 
-def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu", strict: bool = True,
-                    revision: str | None = None):
-    """Build the model described by ``config.json`` and load ``model.safetensors`` into it.
-
-    ``directory`` is a folder or a Hub repo id already in the local HF cache (see
-    :func:`resolve_pretrained`).
-    """
-    from .model import M3AE
-
-    directory = resolve_pretrained(directory, revision)
-    model = M3AE(read_model_config(directory))
-    weights = directory / WEIGHTS_NAME
+def read_weights(directory: str | os.PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict in a pretrained folder's (or checkpoint's) ``model.safetensors``."""
+    weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    state = load_file(str(weights), device=map_location)
-    load_state_dict_checked(model, state, strict=strict)
-    return model
+    return load_file(str(weights), device=map_location)
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict, strict: bool = True) -> None:

@@ -1,6 +1,7 @@
 """Pictures: reconstruction grids (original / masked / reconstruction) and loss curves."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -90,20 +91,10 @@ def save_reconstruction_grid(model, batch: dict, path: str | Path, text_encoder=
         if text is not None and text_encoder is not None:
             cap = caption_with_predictions(text_encoder, text[i].cpu(), pad[i].cpu(), out.text_mask[i].cpu(),
                                            out.text_logits[i].cpu())
-            axes[i, 1].set_xlabel(_wrap(cap, 70), fontsize=6.5)
+            # Whole words only: a predicted word is shown as one [token] that must not be cut.
+            axes[i, 1].set_xlabel(textwrap.fill(cap, 70, break_long_words=False, break_on_hyphens=False),
+                                  fontsize=6.5)
     return save_figure(fig, path, dpi=110)
-
-
-def _wrap(text: str, width: int) -> str:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if len(cur) + len(w) + 1 > width:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}".strip()
-    lines.append(cur)
-    return "\n".join(lines)
 
 
 def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path,

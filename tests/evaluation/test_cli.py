@@ -10,6 +10,39 @@ from m3ae.data import ShapesDataset
 from m3ae.evaluation import Classifier, Features, load_labelled, make_loader
 
 Q = ["--no-progress", "--device", "cpu"]
+EVAL_COMMANDS = ("embed", "linear-probe", "finetune", "ood", "zero-shot", "visualize")
+
+
+def _settings(path, **expected):
+    """The settings a command wrote: every argument, defaults included."""
+    settings = json.loads(path.read_text())
+    assert {"model", "device", "batch_size", "no_progress", "debug"} <= set(settings)
+    assert {k: settings[k] for k in expected} == expected
+    return settings
+
+
+def _leaf_parsers(parser, name="m3ae"):
+    import argparse
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield name, parser
+    for sub in subs:
+        for child, p in sub.choices.items():
+            yield from _leaf_parsers(p, f"{name} {child}")
+
+
+def test_one_argument_set_and_debug_everywhere():
+    from m3ae.cli import build_parser
+
+    leaves = dict(_leaf_parsers(build_parser()))
+    for name, p in leaves.items():  # every command takes --debug (declared by one helper)
+        assert "--debug" in p._option_string_actions, name
+    shared = {"--device", "--batch-size", "--no-progress", "--debug"}
+    for name in EVAL_COMMANDS:
+        p = leaves[f"m3ae {name}"]
+        assert shared <= set(p._option_string_actions), name
+        assert p._actions[1].dest == "model"  # after -h: the pretrained folder comes first
 
 
 def test_embed_npy_and_safetensors(tiny_model_dir, tmp_path):
@@ -25,6 +58,7 @@ def test_embed_npy_and_safetensors(tiny_model_dir, tmp_path):
     g = Features.load(tmp_path / "g.safetensors")
     assert g.features.shape == (40, 32) and g.keys == f.keys
     assert not np.allclose(g.features, f.features)
+    _settings(tmp_path / "g.settings.json", modality="both", pool="mean", block=0, data="shapes:40:3")
 
 
 def test_embed_image_folder(tiny_model_dir, tmp_path):
@@ -57,8 +91,7 @@ def test_linear_probe_command_caches_features(tiny_model_dir, tmp_path, capsys):
     assert 0 <= res["top1"] <= 1 and res["top5"] is None and 0 <= res["knn_top1"] <= 1  # 4 classes: no top-5
     assert len(list(cache.glob("*.safetensors"))) == 4  # cls and mean pooling of both splits
     # the resolved settings (defaults included) sit beside the results
-    settings = json.loads((tmp_path / "probe" / "settings.json").read_text())
-    assert settings["epochs"] == 10 and settings["train"] == "shapes:120:0" and "device" in settings
+    _settings(tmp_path / "probe" / "settings.json", epochs=10, train="shapes:120:0", lr=None, knn_k=20)
     # A second run reads the cache and reproduces the numbers.
     stamp = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert main(args) == 0
@@ -72,6 +105,7 @@ def test_finetune_command(tiny_model_dir, tmp_path):
                  str(out), "--epochs", "1", "--last-blocks", "1", "--batch-size", "16", *Q]) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["history"]) == 1 and 0 <= res["top1"] <= 1
+    _settings(out / "settings.json", epochs=1, last_blocks=1, batch_size=16, layer_decay=0.75)
     clf = Classifier.load(out)
     # Partial fine-tuning left block 0 as it was pre-trained.
     from m3ae import M3AE
@@ -94,6 +128,7 @@ def test_ood_command(tiny_model_dir, tmp_path):
         assert 0.3 < res["metrics"][name]["auroc"] < 0.7
         assert 0 <= res["metrics"][name]["fpr95"] <= 1
     assert (out / "roc.png").stat().st_size > 1000
+    _settings(out / "settings.json", ood="shapes:50:2", probe_epochs=5, classifier=None)
 
 
 def test_zero_shot_command(tiny_model_dir, tmp_path, capsys):
@@ -103,6 +138,7 @@ def test_zero_shot_command(tiny_model_dir, tmp_path, capsys):
     assert res["num_samples"] == 20 and res["chance"] == 1 / ShapesDataset.num_classes
     assert sum(res["per_class_predictions"].values()) == 20
     assert "zero-shot accuracy" in capsys.readouterr().out
+    _settings(tmp_path / "settings.json", template="a picture of a [MASK] [MASK] {}", normalize="mean")
 
 
 def test_visualize_command(tiny_model_dir, tmp_path):
@@ -111,4 +147,5 @@ def test_visualize_command(tiny_model_dir, tmp_path):
                  "--word", "a", "--tsne-samples", "40", "--compare", str(tiny_model_dir), *Q]) == 0
     for name in ("reconstruction_with_caption", "reconstruction_image_only", "attention", "tsne"):
         assert (out / f"{name}.png").stat().st_size > 1000, name
+    _settings(out / "settings.json", num_images=2, word="a", compare=str(tiny_model_dir), layer="rollout")
     assert main(["visualize", str(tiny_model_dir), "--data", "shapes:4", "--out", str(out), "--what", "nope"]) == 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from m3ae import M3AE
-from m3ae.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_pretrained, load_state_dict_checked
+from m3ae.pretrained import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_checked
 
 
 @pytest.fixture
@@ -79,9 +79,9 @@ def test_unknown_name_says_no_download(tmp_path, monkeypatch):
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="never downloads.*huggingface-cli download someone/absent"):
-        load_pretrained("someone/absent")
+        M3AE.from_pretrained("someone/absent")
     with pytest.raises(FileNotFoundError, match="neither a pretrained folder"):
-        load_pretrained(tmp_path / "no" / "such" / "dir")
+        M3AE.from_pretrained(tmp_path / "no" / "such" / "dir")
 
 
 def test_push_to_hub_uploads_the_folder_layout(small, monkeypatch):
@@ -97,7 +97,7 @@ def test_push_to_hub_uploads_the_folder_layout(small, monkeypatch):
 
         def upload_folder(self, repo_id, folder_path, **kw):
             calls["files"] = sorted(os.listdir(folder_path))
-            calls["reloaded"] = load_pretrained(folder_path)
+            calls["reloaded"] = M3AE.from_pretrained(folder_path)
             return "https://example.invalid/commit/1"
 
     monkeypatch.setattr(hf, "HfApi", FakeApi)

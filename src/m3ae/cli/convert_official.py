@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_debug_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -22,7 +24,7 @@ def register(sub) -> None:
                    help="longest caption (default: data.tokenizer_max_length, else 64)")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to store beside the weights (vocab.txt / tokenizer.json / cached HF name)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_arg(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ learned (hidden colour and shape words from the image, cross-modal reconstructio
 probe against a random-init encoder and raw pixels) and write summary.md / summary.json."""
 from __future__ import annotations
 
+from .common import add_debug_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("demo", help="pre-train a tiny M3AE on built-in data and report what it learned",
@@ -15,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--probe-samples", type=int, default=2000,
                    help="training images of the linear probe (half as many are held out)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    add_debug_arg(p)
     p.set_defaults(func=run)
 
 

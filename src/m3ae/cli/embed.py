@@ -1,12 +1,13 @@
 """m3ae embed: encoder features of a data set, written to .npy or .safetensors with labels and keys."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_eval_command
+from .eval_common import DATA_HELP, add_eval_command, write_settings
 
 
 def register(sub) -> None:
     p = add_eval_command(sub, "embed", "write encoder features (image, text or both) to a file",
-                         __doc__ + " With .npy, labels and keys go to <stem>.labels.npy and <stem>.keys.json beside it.")
+                         __doc__ + " With .npy, labels and keys go to <stem>.labels.npy and <stem>.keys.json "
+                                   "beside it; the settings always go to <stem>.settings.json.")
     p.add_argument("--data", required=True, help=DATA_HELP)
     p.add_argument("-o", "--output", required=True, help="features.npy or features.safetensors")
     p.add_argument("--modality", default="image", choices=["image", "text", "both"])
@@ -30,6 +31,7 @@ def run(args) -> int:
     feats = extract_features(model, loader, args.modality, args.pool, args.block, not args.no_progress,
                              data.class_names, desc="embed")
     path = feats.save(args.output)
+    write_settings(Path(args.output).with_suffix(".settings.json"), args)
     print(f"wrote {path}: {feats.features.shape[0]} x {feats.features.shape[1]} features "
           f"({args.modality}, {args.pool}{'' if args.block is None else f', block {args.block}'})")
     return 0

@@ -5,6 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .common import add_debug_arg
+
 DATA_HELP = ("labelled data: 'shapes[:N[:SEED]]' (built-in), an image folder root/CLASS/x.jpg, or "
              "WebDataset shards with .cls (globs/brace patterns, several joined by '::')")
 
@@ -13,7 +15,8 @@ def add_eval_command(sub, name: str, help: str, description: str, epilog: str = 
                      out: str | None = None) -> argparse.ArgumentParser:
     """An evaluation subcommand's parser with the arguments every one of them takes
     (pretrained model, --device, --batch-size, --no-progress, --debug); ``out`` makes
-    ``--out`` a required argument with that help."""
+    ``--out`` a required argument with that help. Each command writes its settings
+    (:func:`write_settings`) beside what it writes."""
     p = sub.add_parser(name, help=help, description=description, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -28,7 +31,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_arg(p)
 
 
 def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
@@ -44,16 +47,25 @@ def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
                    help="feature cache (default $M3AE_CACHE/features or ~/.cache/m3ae/features)")
 
 
+def write_settings(path: str | Path, args: argparse.Namespace) -> Path:
+    """The command's resolved settings (every argument, defaults included) as JSON at ``path``,
+    so that a result can be re-made as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if not callable(v)}
+    path.write_text(json.dumps(settings, indent=2, default=str))
+    return path
+
+
 def write_results(out: str | Path | None, name: str, results: dict, args: argparse.Namespace | None = None):
-    """Write ``results`` as JSON into ``out``; with ``args``, the resolved settings of the
-    command (every argument, defaults included) beside it as ``settings.json``."""
+    """Write ``results`` as JSON into ``out``; with ``args``, :func:`write_settings` beside it
+    as ``settings.json``."""
     if not out:
         return None
     path = Path(out) / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2))
     if args is not None:
-        settings = {k: v for k, v in vars(args).items() if not callable(v)}
-        (path.parent / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
+        write_settings(path.parent / "settings.json", args)
     return path
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_debug_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -12,7 +14,7 @@ def register(sub) -> None:
                     "under 'timm_kwargs'; see docs/interop.md for loading it in timm.")
     p.add_argument("pretrained", metavar="PRETRAINED_DIR", help="pretrained folder (or cached Hub repo id)")
     p.add_argument("out", metavar="OUT.safetensors", help="where to write the timm state dict")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    add_debug_arg(p)
     p.set_defaults(func=run)
 
 
@@ -21,12 +23,13 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..interop.timm import to_timm
-    from ..pretrained import load_pretrained, save_safetensors
+    from ..model import M3AE
+    from ..pretrained import save_safetensors
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the output must be a .safetensors file")
-    model = load_pretrained(args.pretrained)
+    model = M3AE.from_pretrained(args.pretrained)
     sd, kwargs = to_timm(model)
     save_safetensors(sd, out, metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
     print(f"wrote {out}: timm VisionTransformer, {sum(v.numel() for v in sd.values()):,} parameters")

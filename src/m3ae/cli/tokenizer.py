@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_debug_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser("tokenizer", help="train or inspect a WordPiece tokenizer", description=__doc__)
@@ -19,12 +21,12 @@ def register(sub) -> None:
     t.add_argument("--cased", action="store_true", help="keep upper case (default: lower-case everything)")
     t.add_argument("--keep-accents", action="store_true",
                    help="keep accents (default: strip them, which merges e.g. Vietnamese 'cá', 'cà', 'ca')")
-    t.add_argument("--debug", action="store_true")
+    add_debug_arg(t)
     t.set_defaults(func=run_train)
     e = tsub.add_parser("encode", help="show how a tokenizer splits a caption")
     e.add_argument("tokenizer", help="vocab.txt, tokenizer.json, folder, or cached HF name")
     e.add_argument("text")
-    e.add_argument("--debug", action="store_true")
+    add_debug_arg(e)
     e.set_defaults(func=run_encode)
     p.set_defaults(func=lambda args: p.print_help() or 0)
 

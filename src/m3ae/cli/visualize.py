@@ -4,7 +4,7 @@ attention rollout by default) and a t-SNE of encoder features coloured by class 
 side by side with --compare)."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_eval_command
+from .eval_common import DATA_HELP, add_eval_command, write_settings
 
 WHAT = ("recon", "attention", "tsne")
 EPILOG = """examples:
@@ -16,7 +16,7 @@ EPILOG = """examples:
 def register(sub) -> None:
     p = add_eval_command(sub, "visualize", "reconstructions, cross-modal attention maps, t-SNE", __doc__, EPILOG)
     p.add_argument("--data", required=True, help=DATA_HELP + " (captions needed for text pictures)")
-    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--out", required=True, help="folder for the PNGs and settings.json")
     p.add_argument("--what", default=",".join(WHAT), help="comma-separated subset of recon,attention,tsne")
     p.add_argument("-n", "--num-images", type=int, default=6, help="rows in the reconstruction/attention pictures")
     p.add_argument("--word", default=None, help="caption word whose attention over the image is shown "
@@ -77,6 +77,7 @@ def run(args) -> int:
             panels.append((names[i] if i < len(names) else Path(path).name, feats))
         title = f"t-SNE of encoder features: {data_name(args.data)}, {len(panels[0][1])} samples"
         written.append(save_tsne(panels, out / "tsne.png", seed=args.seed, title=title))
+    written.append(write_settings(out / "settings.json", args))
     for w in written:
         print(f"wrote {w}")
     return 0

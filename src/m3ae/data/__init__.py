@@ -12,7 +12,6 @@ described in :mod:`m3ae.data.loader`.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from functools import partial
 
@@ -165,7 +164,7 @@ def has_captions(cfg: DataConfig, scan: int = 200) -> bool:
             return True
         src = _open(e, 0, train=False)
         if isinstance(src, ShardSource):
-            if any("txt" in r or "json" in r for r in itertools.islice(src._raw(iter(src.shards)), scan)):
+            if src.has_captions(scan):
                 return True
         elif next(iter(src.captions(limit=1)), None) is not None:
             return True

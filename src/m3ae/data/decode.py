@@ -46,9 +46,7 @@ class DataNotFound(FileNotFoundError):
     """A configured path, file or shard pattern that does not exist or matches nothing."""
 
 
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB. Transparent pixels are composited on white, as a
     browser shows them (their stored colour is often arbitrary); 16/32-bit greyscale is
     scaled to 8 bits rather than clipped, which would turn most 16-bit images white."""
@@ -113,7 +111,7 @@ def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0,
                 return tensor
         img.load()  # a truncated or corrupt file raises here
         ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an upright image
-        return _to_rgb(img)
+        return to_rgb(img)
     except BadSample:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ...

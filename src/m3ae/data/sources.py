@@ -11,6 +11,7 @@ message that says what was expected, not an hour later in a worker.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,12 +291,18 @@ def _images_under(folder: Path) -> list[Path]:
 
 class ImageFolderSource(IndexedSource):
     """``root/class/xxx.jpg`` -> labelled images (label = index of the sorted class folder);
-    a folder of images with no class sub-folders -> unpaired images (label -1)."""
+    a folder of images with no class sub-folders -> unpaired images (label -1). Images are
+    found at any depth below a class folder (or the root).
+
+    ``caption_files=True`` reads an optional ``xxx.txt`` beside an image as its caption
+    (evaluation's image folders); otherwise the images are unpaired.
+    """
 
     name = "imagefolder"
 
-    def __init__(self, path: str, **kw):
+    def __init__(self, path: str, caption_files: bool = False, **kw):
         super().__init__(**kw)
+        self.caption_files = caption_files
         root = _require(path, "a folder of images (class sub-folders optional)", kind="dir")
         self.root = root
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -318,12 +325,18 @@ class ImageFolderSource(IndexedSource):
     def __len__(self) -> int:
         return len(self.files)
 
+    def _caption(self, i: int) -> bytes | None:
+        txt = self.files[i].with_suffix(".txt")
+        return txt.read_bytes() if self.caption_files and txt.is_file() else None
+
     def __getitem__(self, i: int) -> dict:
         key = str(self.files[i].relative_to(self.root))
-        return self._sample(key, self._decode(self.files[i], key), None, self.labels[i])
+        return self._sample(key, self._decode(self.files[i], key), self._caption(i), self.labels[i])
 
     def captions(self, limit=None):
-        return iter(())
+        texts = (clean_caption(self._caption(i), "", self.max_chars, [])
+                 for i in range(len(self.files) if self.caption_files else 0))
+        return itertools.islice(filter(None, texts), limit)
 
 
 # --------------------------------------------------------------------------------- text

@@ -15,10 +15,11 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
+
+from .decode import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,10 +54,6 @@ class WordSwapper:
 
 
 swap_left_right = WordSwapper()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ so it adds nothing to the samples read or skipped; the samples before the damage
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import random
@@ -181,6 +182,11 @@ class ShardSource:
         if "__skip__" in raw:
             raise BadSample(raw["__skip__"], raw["__key__"], raw.get("__detail__", ""), sample=False)
         return decode_shard_sample(raw, self.min_side, self.max_chars, self.fast_jpeg)
+
+    def has_captions(self, scan: int = 200) -> bool:
+        """Whether any of the first ``scan`` samples has a caption (``.txt`` or ``.json``);
+        nothing is decoded."""
+        return any("txt" in r or "json" in r for r in itertools.islice(self._raw(iter(self.shards)), scan))
 
     def captions(self, limit: int | None = None) -> Iterator[str]:
         """Captions only, in shard order (to train a tokenizer); images are not decoded."""

@@ -2,8 +2,10 @@
 
 - ``shapes`` or ``shapes:N`` or ``shapes:N:SEED`` -- the built-in shapes (4 classes). Use
   different seeds for a train and an evaluation split (``shapes:2000:0``, ``shapes:500:1``).
-- a folder of class sub-folders (``root/CLASS/xxx.jpg``), classes in sorted order as
-  torchvision's ``ImageFolder`` numbers them;
+- a folder of class sub-folders (``root/CLASS/xxx.jpg``, images at any depth below a class
+  folder), classes in sorted order as torchvision's ``ImageFolder`` numbers them; an optional
+  ``xxx.txt`` beside an image is its caption; a folder without class sub-folders gives
+  unlabelled images;
 - WebDataset shards with ``.cls`` labels (brace patterns/globs, several joined by ``::``);
   class names come from a ``classes.txt`` (one per line) or ``classes.tsv`` (index, id,
   name) beside the shards when there is one.
@@ -20,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from ..data import Collator, EvalTransform, PretrainTransform, ShapesDataset
-from ..data.webdataset import IMAGE_EXTS, expand_urls, webdataset_source
+from ..data import Collator, EvalTransform, PretrainTransform, ShapesDataset, SkipCounter
+from ..data.loader import MapDataset, PretrainLoader
+from ..data.sources import ImageFolderSource
+from ..data.webdataset import expand_urls, webdataset_source
 
 
 @dataclass
@@ -32,32 +35,7 @@ class LabelledData:
     dataset: Dataset | IterableDataset  # samples: dict(key, image tensor, caption, label)
     class_names: list[str] | None
     fingerprint: str  # changes when the data (or how it is read) changes; for feature caches
-
-
-class ImageFolderSource(Dataset):
-    """``root/CLASS/*.jpg`` -> dict(key, image PIL RGB, caption None, label)."""
-
-    def __init__(self, root: str | Path, transform=None):
-        self.root = Path(root)
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        self.samples = [(p, i) for i, c in enumerate(self.classes) for p in sorted((self.root / c).iterdir())
-                        if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
-        if not self.samples:
-            raise FileNotFoundError(f"{root} holds no images in class sub-folders (expected root/CLASS/x.jpg)")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        path, label = self.samples[i]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
-        caption = None
-        if path.with_suffix(".txt").is_file():  # an optional caption beside the image
-            caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip() or None
-        sample = dict(key=f"{self.classes[label]}/{path.stem}", image=image, caption=caption, label=label)
-        return self.transform(sample) if self.transform is not None else sample
+    name: str = ""  # the data spec, for messages about skipped samples
 
 
 class _Prefix(IterableDataset):
@@ -119,6 +97,18 @@ def _file_stamp(paths) -> str:
     return h.hexdigest()[:16]
 
 
+def _image_folder(root: str, transform, limit: int | None, tag: str) -> LabelledData:
+    """An image folder read as pre-training reads one (:class:`m3ae.data.sources.ImageFolderSource`:
+    every image suffix, any depth, robust decoding; an unreadable image is counted and skipped by
+    :func:`make_loader`), with the optional ``xxx.txt`` captions beside the images."""
+    src = ImageFolderSource(root, caption_files=True)
+    ds: Dataset = MapDataset(src, transform)
+    if limit is not None and limit < len(src):
+        # A folder is ordered by class: take an even stride, not the first classes only.
+        ds = torch.utils.data.Subset(ds, torch.linspace(0, len(src) - 1, limit).round().long().tolist())
+    return LabelledData(ds, src.classes or None, f"{tag}|imagefolder|{_file_stamp(src.files)}", root)
+
+
 def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int | None = None,
                   crop_scale=(0.08, 1.0)) -> LabelledData:
     """A labelled dataset from a data spec (see the module doc).
@@ -138,18 +128,9 @@ def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int
         except ValueError:
             raise ValueError(f"bad shapes spec {spec!r}; expected shapes, shapes:N or shapes:N:SEED") from None
         ds = ShapesDataset(size if limit is None else min(size, limit), image_size, seed, transform=transform)
-        return LabelledData(ds, list(ShapesDataset.class_names), tag)
+        return LabelledData(ds, list(ShapesDataset.class_names), tag, spec)
     if os.path.isdir(spec):
-        ds = ImageFolderSource(spec, transform)
-        if limit is not None and limit < len(ds):
-            # A folder is ordered by class: take an even stride, not the first classes only.
-            idx = torch.linspace(0, len(ds) - 1, limit).round().long().tolist()
-            ds = torch.utils.data.Subset(ds, idx)
-            names = ds.dataset.classes
-        else:
-            names = ds.classes
-        return LabelledData(ds, names, tag + "|" + _file_stamp(p for p, _ in (
-            ds.dataset.samples if isinstance(ds, torch.utils.data.Subset) else ds.samples)))
+        return _image_folder(spec, transform, limit, tag)
     shards = expand_urls(spec)
     if not shards or not any(u.endswith((".tar", ".tar.gz", ".tgz")) or "://" in u for u in shards):
         raise FileNotFoundError(f"data {spec!r} is neither 'shapes[:N[:SEED]]', an image folder, "
@@ -161,13 +142,17 @@ def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int
         ds = _Prefix(ds, limit)
     elif local:
         ds.approx_len = _samples_in(local[0]) * len(shards)  # for progress bars: shards are alike in size
-    return LabelledData(ds, _class_names_beside(shards), tag + "|" + _file_stamp(local))
+    return LabelledData(ds, _class_names_beside(shards), tag + "|" + _file_stamp(local), spec)
 
 
 def make_loader(data: LabelledData, text_encoder=None, batch_size: int = 128, shuffle: bool = False,
                 num_workers: int = 0, seed: int = 0) -> DataLoader:
-    """Batches (see :class:`m3ae.data.Collator`); captions are tokenised when given a text encoder."""
-    iterable = isinstance(data.dataset, IterableDataset)
+    """Batches (see :class:`m3ae.data.Collator`); captions are tokenised when given a text encoder.
+
+    Samples that cannot be read are left out and counted (``loader.skips`` for an indexable
+    source, ``data.dataset.skips`` for shards), as in pre-training."""
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(data.dataset, batch_size=batch_size, shuffle=shuffle and not iterable, generator=g,
-                      num_workers=num_workers, collate_fn=Collator(text_encoder))
+    kw = dict(batch_size=batch_size, generator=g, num_workers=num_workers, collate_fn=Collator(text_encoder))
+    if isinstance(data.dataset, IterableDataset):  # shards count their own skips
+        return DataLoader(data.dataset, **kw)
+    return PretrainLoader(data.dataset, skips=SkipCounter(data.name or "evaluation data"), shuffle=shuffle, **kw)

@@ -63,16 +63,9 @@ def filter_state_dict(state: dict[str, Any], source: str = "auto") -> dict[str, 
     if source == "auto":
         source = detect_format(state)
     if source == "official":
-        from .official import _flatten, _plain_tree, convert_flax_params
+        from .official import convert_flax_params, flax_params
 
-        # _flatten keeps already-flat 'a/b/c' keys as they are; _plain_tree turns Flax/JAX
-        # stand-ins (FrozenDict, jax arrays) from the safe unpickler into dicts and arrays.
-        flat = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
-                for k, v in _flatten(state).items()}
-        flat = _flatten(_plain_tree(flat))
-        if all(k.startswith("params/") for k in flat):  # the Flax variable collection level
-            flat = {k[len("params/"):]: v for k, v in flat.items()}
-        return convert_flax_params(flat)
+        return convert_flax_params(flax_params(state))
     if source == "timm":
         from .timm import from_timm_state_dict
 

@@ -119,6 +119,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def flax_params(tree: Any) -> dict[str, np.ndarray]:
+    """A Flax parameter tree -> ``{'a/b/c': numpy array}`` relative to ``params["params"]``.
+
+    Takes nested dicts (FrozenDicts and jax arrays from the safe unpickler, torch tensors) or
+    keys that are already '/'-joined, with or without the ``params`` collection level."""
+    flat = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+            for k, v in _flatten(tree).items()}
+    flat = _flatten(_plain_tree(flat))  # stand-ins held in a flat dict become dicts: flatten again
+    if all(k.startswith("params/") for k in flat):  # the Flax variable collection level
+        flat = {k[len("params/"):]: v for k, v in flat.items()}
+    return flat
+
+
 def flax_name(path: str) -> str | None:
     """Our parameter name for a Flax path (relative to params["params"]), or None if unknown."""
     if path in _TOP:
@@ -282,11 +295,7 @@ def _params_of(ckpt: Any) -> dict:
         raise ValueError("not an official M3AE/MAE checkpoint: found no state.params "
                          f"(top level is {type(ckpt).__name__}"
                          + (f" with keys {sorted(map(str, ckpt))[:6]})" if isinstance(ckpt, dict) else ")"))
-    params = _plain_tree(params, "params")
-    # TrainState.params is {"params": {...}} (the Flax variable collection).
-    if set(params) == {"params"}:
-        params = params["params"]
-    return params
+    return _plain_tree(params, "params")
 
 
 def load_official_checkpoint(path: str | Path, **config_overrides
@@ -298,7 +307,7 @@ def load_official_checkpoint(path: str | Path, **config_overrides
     (``TEXT_KEYS``) and ``meta["image_only"]`` is True.
     """
     ckpt, stubbed = read_official_pickle(path)
-    flat = _flatten(_params_of(ckpt))
+    flat = flax_params(_params_of(ckpt))  # TrainState.params is {"params": {...}}
     variant = ckpt.get("variant") if isinstance(ckpt, dict) else None
     variant = variant if isinstance(variant, dict) else {}
     cfg, notes = infer_config(flat, variant, **config_overrides)

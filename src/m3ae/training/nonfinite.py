@@ -35,11 +35,6 @@ def nonfinite_parameters(params, info: DistInfo) -> torch.Tensor:
     return all_reduce_sum(bad, info) if info.distributed else bad
 
 
-def parameters_finite(params, info: DistInfo) -> bool:
-    """True when every parameter is finite on every rank (reads the answer on the host)."""
-    return bool(nonfinite_parameters(params, info).item() == 0)
-
-
 def _fallback(last_good: Path | None, first_bad: int) -> str:
     if last_good is not None:
         return (f"the last good checkpoint (written before step {first_bad}) is {last_good}; after "

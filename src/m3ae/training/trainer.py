@@ -354,7 +354,7 @@ def _check_sizes(cfg: Config, text_encoder, info: DistInfo) -> None:
 
 
 def _write_run_files(cfg: Config, run_dir: Path, world: int) -> None:
-    from .. import __version__
+    from .._version import __version__
 
     tcfg = cfg.train
     cfg.save(run_dir / "config.yaml")
@@ -366,11 +366,9 @@ def _write_run_files(cfg: Config, run_dir: Path, world: int) -> None:
 
 def _load_weights(model: M3AE, ckpt: Path) -> dict:
     """Load a checkpoint's weights into ``model``; return its trainer state."""
-    from safetensors.torch import load_file
+    from ..pretrained import load_state_dict_checked, read_weights
 
-    from ..pretrained import WEIGHTS_NAME, load_state_dict_checked
-
-    load_state_dict_checked(model, load_file(str(ckpt / WEIGHTS_NAME), device="cpu"))
+    load_state_dict_checked(model, read_weights(ckpt))
     return load_trainer_state(ckpt)
 
 

@@ -133,3 +133,27 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch)
     assert steps == [1, 2, 3, 4]
     assert s["training"]["sessions"] == 2 and not s["rerun"]
     assert "in 2 session(s)" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_quietly(tmp_path, monkeypatch, capsys):
+    log = MetricsLogger.log
+
+    def ctrl_c_at_step_1(self, row):  # before the first checkpoint (step 2): nothing to continue
+        if row.get("step") == 1:
+            raise KeyboardInterrupt
+        log(self, row)
+    monkeypatch.setattr(MetricsLogger, "log", ctrl_c_at_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, [])
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    capsys.readouterr()
+    messages = []
+    s = run(tmp_path, messages)
+    printed = capsys.readouterr().out + "\n".join(messages)
+    # A new run, not a failed resume: no trainer message about a missing checkpoint, and the
+    # metrics of the stopped start are replaced, not appended to.
+    assert "no checkpoint" not in printed and "continuing" not in printed
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert s["training"]["sessions"] == 1

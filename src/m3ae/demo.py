@@ -447,10 +447,13 @@ def _train(cfg: Config, out_dir: Path, progress: bool, say) -> dict:
     if done < cfg.train.steps:
         say(PROGRESS_LEGEND)
     state_path = out_dir / "demo_time.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"seconds": 0.0, "sessions": 0}
+    fresh = {"seconds": 0.0, "sessions": 0}
+    state = json.loads(state_path.read_text()) if done and state_path.is_file() else fresh
     t0 = time.perf_counter()
     try:
-        pretrain(cfg, out_dir, resume="latest", progress=progress)
+        # Without a checkpoint nothing can be continued: start afresh (what an interrupted
+        # start left behind is replaced) instead of asking the trainer to resume.
+        pretrain(cfg, out_dir, resume="latest" if done else None, overwrite=not done, progress=progress)
     finally:
         if done < cfg.train.steps:  # also when interrupted: the time was spent
             state = {"seconds": state["seconds"] + time.perf_counter() - t0, "sessions": state["sessions"] + 1}

@@ -227,21 +227,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, bias, target, row_weight, rows_per_block, compute_dtype, need_grad):
         n, d = h.shape
         acc = torch.promote_types(compute_dtype, torch.float32)  # softmax and sums in >= float32
-        # The bias is added to the logits in place rather than riding along as an extra
-        # input column of ones: the three matmuls keep the inner size D (128 at bench-cpu),
-        # and MKL measured 1.3-1.7x slower on the input- and weight-gradient matmuls with
-        # D + 1 on an AVX2 CPU (benchmarks/RESULTS.md).
-        w = weight.to(compute_dtype)                                                  # (V, D)
-        hq = h.to(compute_dtype)
+        # The bias rides along as an extra input column of ones: one plain matmul is
+        # measurably faster on CPU than addmm's broadcast of a (V,) bias over (N, V), and
+        # the bias gradient then falls out of the weight-gradient matmul.
+        w_aug = torch.cat([weight, bias[:, None]], 1).to(compute_dtype)               # (V, D+1)
+        h_aug = torch.cat([h, h.new_ones(n, 1)], 1).to(compute_dtype)                 # (N, D+1)
         nll = torch.empty(n, dtype=acc, device=h.device)
         hit = torch.empty(n, dtype=acc, device=h.device)
         grad_h = torch.empty(n, d, dtype=acc, device=h.device) if need_grad else None
-        grad_w = grad_b = None  # in acc
+        grad_wb = None  # [dW | db], in acc
         row_weight = row_weight.to(acc)
         for s in range(0, n, rows_per_block):
             e = min(s + rows_per_block, n)
-            hc, tc, wc = hq[s:e], target[s:e, None], row_weight[s:e, None]
-            logits = torch.mm(hc, w.t()).to(acc).add_(bias.to(acc))
+            hc, tc, wc = h_aug[s:e], target[s:e, None], row_weight[s:e, None]
+            logits = torch.mm(hc, w_aug.t()).to(acc)
             top = logits.amax(-1, keepdim=True)
             target_logit = logits.gather(1, tc)
             hit[s:e] = (target_logit >= top).squeeze(1).to(acc)
@@ -252,22 +251,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             probs.mul_(wc / z).scatter_add_(1, tc, -wc)  # now w_i * (softmax - onehot)
             g = probs.to(compute_dtype)
-            grad_h[s:e] = torch.mm(g, w)
-            gb = probs.sum(0)
-            if grad_w is None:
-                grad_w, grad_b = torch.mm(g.t(), hc).to(acc), gb
-            else:
-                grad_b.add_(gb)
-                if g.dtype == grad_w.dtype:
-                    torch.addmm(grad_w, g.t(), hc, out=grad_w)
-                else:  # accumulate low-precision blocks in float32
-                    grad_w.add_(torch.mm(g.t(), hc))
+            grad_h[s:e] = torch.mm(g, w_aug[:, :d])
+            if grad_wb is None:
+                grad_wb = torch.mm(g.t(), hc).to(acc)
+            elif g.dtype == grad_wb.dtype:
+                torch.addmm(grad_wb, g.t(), hc, out=grad_wb)
+            else:  # accumulate low-precision blocks in float32
+                grad_wb.add_(torch.mm(g.t(), hc))
         ctx.mark_non_differentiable(nll, hit)
         if not need_grad:
             return (nll * row_weight).sum(), nll, hit
-        if grad_w is None:  # no rows
-            grad_w, grad_b = weight.new_zeros(weight.shape, dtype=acc), bias.new_zeros(bias.shape, dtype=acc)
-        ctx.save_for_backward(grad_h.to(h.dtype), grad_w.to(weight.dtype), grad_b.to(bias.dtype))
+        if grad_wb is None:  # no rows
+            grad_wb = w_aug.new_zeros(w_aug.shape, dtype=acc)
+        ctx.save_for_backward(grad_h.to(h.dtype), grad_wb[:, :d].to(weight.dtype), grad_wb[:, d].to(bias.dtype))
         return (nll * row_weight).sum(), nll, hit
 
     @staticmethod

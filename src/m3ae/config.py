@@ -129,6 +129,10 @@ class DataConfig:
     max_caption_chars: int = 1000  # longer captions are truncated (counted)
     max_skip_fraction: float = 0.05  # more skipped samples than this stops the run
     reduced_decode: bool = True  # JPEGs much larger than needed decode at 1/2, 1/4 or 1/8 size
+    # "tensor": plain JPEGs decode straight to uint8 tensors (torchvision); crop, resize and flip
+    # run on uint8, float comes last (1.8x faster per sample at 256 px). "pil": Pillow resizes,
+    # then float and normalise (the earlier path; ~0.04/255 apart on average). docs/data.md.
+    image_backend: str = "tensor"
     prefetch_factor: int = 2  # batches each worker prepares ahead
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
     tokenizer_cased: bool = False  # tokenizer="from-data": keep upper case

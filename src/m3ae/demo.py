@@ -19,7 +19,6 @@ A finished run re-prints its summary; an interrupted one continues from its last
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from .config import Config, build_config
 from .data import Collator, EvalTransform, model_inputs
 from .data.transforms import denormalize
 from .data.synthetic import COLOURS, SHAPES, ShapesDataset, render_sample
+from .io import atomic_write, read_jsonl
 from .model import M3AE
 from .tokenizer import TextEncoder, load_tokenizer
 from .training import pretrain
@@ -37,7 +37,12 @@ from .training.checkpoint import list_checkpoints
 from .visualize import reconstruction_images, save_figure, save_reconstruction_grid
 
 DEMO_OVERRIDES = [
-    "train.steps=1000", "data.text_len=24", "train.batch_size=64", "train.lr=2e-3", "train.warmup_steps=100",
+    # 8-px patches (16 per image): a visible patch holds a quarter of a shape, enough to tell
+    # its kind, and the short sequence buys the steps that shape words need. Pilots (held-out
+    # shape words from the image): 36 % at 1,000 steps; at 2,000 steps 66 % or 32 % depending
+    # on the seed; at 2,500 steps 82, 69 and 86 % for seeds 0, 1, 2.
+    "model.patch_size=8", "train.steps=2500",
+    "data.text_len=24", "train.batch_size=64", "train.lr=2e-3", "train.warmup_steps=100",
     "train.log_every=25", "train.ckpt_every=100", "train.recon_every=500", "train.weight_decay=0.05",
     "train.keep_last=2", "train.grad_clip=1.0",
     # Half the patches hidden leaves enough of a visible shape to tell its kind; in half of
@@ -430,12 +435,6 @@ def _check_same_run(out_dir: Path, cfg: Config) -> None:
                          "pass another --out, or delete the folder to start over")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _train(cfg: Config, out_dir: Path, progress: bool, say) -> dict:
     """Pre-train (continuing from the newest checkpoint if any) and account the time spent."""
     ckpts = list_checkpoints(out_dir) if out_dir.is_dir() else []
@@ -457,8 +456,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, say) -> dict:
     finally:
         if done < cfg.train.steps:  # also when interrupted: the time was spent
             state = {"seconds": state["seconds"] + time.perf_counter() - t0, "sessions": state["sessions"] + 1}
-            _write_atomic(state_path, json.dumps(state))
-    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            atomic_write(state_path, json.dumps(state))
+    rows = read_jsonl(out_dir / "metrics.jsonl")
     final_loss = next((r["loss"] for r in reversed(rows) if "loss" in r), float("nan"))
     return {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "final_loss": final_loss,
             "threads": torch.get_num_threads(), **state}
@@ -501,10 +500,10 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: list[str] | None = No
         s = {"training": _train(cfg, out_dir, progress, say)}
         s |= evaluate(out_dir, cfg, eval_samples, probe_sizes)
         s["config"] = _comparable(cfg)
-        _write_atomic(md_path, render_summary(s))
-        _write_atomic(json_path, json.dumps(s, indent=1))  # last: its presence means "finished"
+        atomic_write(md_path, render_summary(s))
+        atomic_write(json_path, json.dumps(s, indent=1))  # last: its presence means "finished"
     if not md_path.is_file() or md_path.read_text() != render_summary(s):
-        _write_atomic(md_path, render_summary(s))
+        atomic_write(md_path, render_summary(s))
     say("")
     say(md_path.read_text())
     say(f"summary: {md_path}")

@@ -18,42 +18,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .io import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write torch or numpy tensors to a .safetensors file atomically (temporary name, then
-    rename), with the permissions of an ordinary new file: safetensors itself creates 0600."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write torch or numpy tensors to a .safetensors file atomically (see :func:`atomic_write`),
+    with the permissions of an ordinary new file: safetensors itself creates 0600."""
     if any(isinstance(v, torch.Tensor) for v in tensors.values()):
-        save_file(tensors, str(tmp), metadata=metadata)
+        save = save_file
     else:
-        from safetensors.numpy import save_file as save_numpy
-
-        save_numpy(tensors, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
-    return path
+        from safetensors.numpy import save_file as save
+    return atomic_write(path, lambda tmp: save(tensors, str(tmp), metadata=metadata))
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:

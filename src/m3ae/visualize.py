@@ -1,13 +1,13 @@
 """Pictures: reconstruction grids (original / masked / reconstruction) and loss curves."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from .data.transforms import denormalize
+from .io import read_jsonl
 from .ops import patchify, unpatchify
 
 
@@ -109,8 +109,7 @@ def _wrap(text: str, width: int) -> str:
 def plot_loss_curve(metrics_jsonl: str | Path, path: str | Path,
                     keys=("loss", "image_loss", "text_loss", "text_accuracy")) -> Path:
     """Plot the training metrics logged as JSON lines."""
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r and "loss" in r]
+    rows = [r for r in read_jsonl(metrics_jsonl) if "step" in r and "loss" in r]
     # A panel that is 0 throughout (the text panels of an image-only run) says nothing: omit it.
     keys = [k for k in keys if any(r.get(k) for r in rows)] or list(keys[:1])
     fig, axes = new_figure(1, len(keys), figsize=(3.3 * len(keys), 2.8), squeeze=False)

@@ -44,7 +44,7 @@ def test_keep_last_checkpoints(tmp_path):
     cfg = build_config("tiny", None, SMALL + ["train.steps=5", "train.ckpt_every=1", "train.keep_last=2"])
     pretrain(cfg, tmp_path, progress=False)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
-    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary or stepped-aside folder
 
 
 def test_lr_schedule_warmup_then_cosine():

@@ -124,7 +124,7 @@ def test_checkpoint_with_nonfinite_weights_is_never_written(tmp_path):
     with pytest.raises(FloatingPointError):
         save_checkpoint(tmp_path, 3, WeightsView(model.config, sd), {"step": 3})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
-    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+    assert not any(p.name.startswith(".") for p in (tmp_path / "checkpoints").iterdir())
 
 
 def test_metrics_truncation_drops_later_and_torn_rows(tmp_path):
@@ -184,3 +184,35 @@ def test_decay_norm_scales_reproduces_the_official_weight_decay_mask(official_fi
             assert diff == set()
         else:
             assert diff and all(".norm" in n and n.endswith(".weight") for n in diff)
+
+
+def test_warmup_cosine_is_the_closed_form():
+    """The one schedule of pre-training, the linear probe and fine-tuning, at its landmarks."""
+    import math
+
+    from m3ae.training.optim import warmup_cosine
+
+    peak, end, total, warm = 2.0, 0.1, 110, 10
+    lr = [warmup_cosine(s, total, warm, peak, end) for s in range(total + 5)]
+    assert lr[0] == pytest.approx(peak / warm)  # warm-up start: step 0 already trains
+    assert lr[warm - 1] == pytest.approx(peak) and lr[warm] == pytest.approx(peak)  # warm-up end, cosine start
+    assert lr[60] == pytest.approx((peak + end) / 2)  # cosine midpoint
+    assert lr[35] == pytest.approx(end + (peak - end) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr[total] == pytest.approx(end) and lr[-1] == pytest.approx(end)  # reached at the end, then held
+    assert all(a >= b for a, b in zip(lr[warm:], lr[warm + 1:]))
+    assert warmup_cosine(60, total, warm) == pytest.approx(0.5)  # the probe's and fine-tuning's factor form
+    assert warmup_cosine(0, 10, 2.5) == pytest.approx(0.4)  # fractional warm-up (fine-tuning's epochs * steps)
+    assert warmup_cosine(0, 10, 0) == 1.0  # no warm-up: the cosine from the first step
+
+
+def test_an_existing_process_group_gives_the_ranks(monkeypatch):
+    """A group the caller made (any init method) is the truth, not the launcher's variables."""
+    import torch.distributed as dist
+
+    from m3ae.training.distributed import init_distributed
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size) == (2, 4)

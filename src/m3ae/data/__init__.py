@@ -31,7 +31,7 @@ from .transforms import EvalTransform, PretrainTransform
 from .webdataset import ShardSource
 
 __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "EvalTransform",
-           "build_text_encoder", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
+           "build_text_encoder", "build_transform", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
            "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
            "source_captions"]
 
@@ -39,7 +39,9 @@ SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "m
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world size): as given, else from torch.distributed when initialised, else (0, 1)."""
+    """(rank, world size): as given, else the initialised process group's, else (0, 1). Not the
+    launcher's RANK/WORLD_SIZE (see :func:`m3ae.training.distributed.env_rank_info`): a process
+    that joined no group (an evaluation started by torchrun) reads all the data itself."""
     if rank is None or world_size is None:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
@@ -90,7 +92,8 @@ def _open(cfg: DataConfig, min_side: int, train: bool):
         raise DataError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
     if cfg.source == "webdataset":
         return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
-                           resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars)
+                           resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars,
+                           fast_jpeg=cfg.image_backend == "tensor")
     return open_indexed_source(cfg, min_side)
 
 
@@ -102,6 +105,14 @@ def _min_side(cfg: DataConfig, image_size: int, train: bool) -> int:
     return math.ceil(image_size / math.sqrt(cfg.crop_scale[0])) if train else image_size
 
 
+def build_transform(cfg: DataConfig, image_size: int, train: bool = True):
+    """The per-sample image transform the configured loader applies."""
+    if train:
+        return PretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right,
+                                 cfg.flip_word_pairs, backend=cfg.image_backend)
+    return EvalTransform(image_size, backend=cfg.image_backend)
+
+
 def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: int = 0, *,
                   rank: int | None = None, world_size: int | None = None, batch_size: int | None = None):
     """The configured source with its transforms applied: a map-style :class:`MapDataset`
@@ -109,8 +120,7 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: in
     iterable :class:`StreamDataset` (shards, mixtures). ``batch_size`` is needed for a
     mixture with ``mixture_mode=batch``."""
     rank, world_size = dist_info(rank, world_size)
-    transform = (PretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right,
-                                   cfg.flip_word_pairs) if train else EvalTransform(image_size))
+    transform = build_transform(cfg, image_size, train)
     if cfg.source == "synthetic":
         fn = _compose(partial(_apply_paired_fraction, paired_fraction=cfg.paired_fraction), transform)
         return MapDataset(ShapesDataset(cfg.synthetic_size, image_size, cfg.synthetic_seed), fn)

@@ -18,6 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision.io
 from PIL import Image, ImageOps
 
 log = logging.getLogger("m3ae.data")
@@ -66,13 +68,20 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0) -> Image.Image:
+def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0,
+                 fast_jpeg: bool = False) -> Image.Image | torch.Tensor:
     """Bytes or a file path -> upright 8-bit RGB PIL image, or :class:`BadSample`.
 
     ``min_side`` > 0 lets a JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling via
     ``Image.draft``) as long as the shorter side stays >= ``min_side``: a 4000 px photo cropped
     to 224 px need not be decoded at full size, which is most of the cost. EXIF orientation
     is applied, so phone photos are upright.
+
+    ``fast_jpeg``: a plain JPEG (RGB or greyscale, not reduced) is decoded by
+    ``torchvision.io.decode_jpeg`` straight into a uint8 (3, H, W) tensor: the same
+    libjpeg-turbo decoder with the same settings (identical pixels), minus Pillow's copies.
+    Anything else, and any JPEG that decoder refuses, takes the Pillow path and stays a PIL
+    image (the transforms take both).
     """
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
@@ -80,29 +89,51 @@ def decode_image(data: bytes | str | os.PathLike, key: str, min_side: int = 0) -
             raise BadSample("missing_file", key, str(path))
         if path.stat().st_size == 0:
             raise BadSample("empty_file", key, str(path))
-        src = path
-    else:
-        if not data:
-            raise BadSample("empty_file", key)
-        src = io.BytesIO(data)
+        if fast_jpeg:
+            data = path.read_bytes()
+    elif not data:
+        raise BadSample("empty_file", key)
+    src = data if isinstance(data, (str, os.PathLike)) else io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # Pillow refuses images above ~179 MP by raising; below that it only warns. A web
             # crawl has a few such files; they are decoded (reduced when a JPEG), not attacks.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(src)
+        reduced = False
         if min_side and img.format == "JPEG":
             w, h = img.size
             scale = min(w, h) / min_side
             if scale >= 2:  # draft picks the largest reduction keeping both sides >= requested
                 img.draft(img.mode, (int(w / scale) + 1, int(h / scale) + 1))
-        img = ImageOps.exif_transpose(img)  # also loads the pixels, so truncation shows here
-        img.load()
+                reduced = True
+        if fast_jpeg and not reduced and img.format == "JPEG" and img.mode in ("RGB", "L"):
+            tensor = _torchvision_jpeg(data)
+            if tensor is not None:
+                return tensor
+        img.load()  # a truncated or corrupt file raises here
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of an upright image
         return _to_rgb(img)
     except BadSample:
         raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError, struct.error ...
         raise BadSample("bad_image", key, f"{type(e).__name__}: {e}") from None
+
+
+def _torchvision_jpeg(data: bytes) -> torch.Tensor | None:
+    """JPEG bytes -> upright uint8 (3, H, W) RGB tensor, or None where torchvision cannot
+    (a corrupt or truncated file, which Pillow then reports; a torchvision without
+    ``decode_jpeg``, deprecated since 0.29 in favour of TorchCodec)."""
+    decode_jpeg = getattr(torchvision.io, "decode_jpeg", None)
+    if decode_jpeg is None:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            return None
 
 
 def clean_caption(raw, key: str, max_chars: int, events: list) -> str | None:

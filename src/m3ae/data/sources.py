@@ -1,6 +1,7 @@
 """Indexable sources: HDF5 (the official M3AE layout), tables, image folders, text files.
 
-Each is a map-style dataset whose item ``i`` is a sample dict ``{key, image (PIL RGB or None),
+Each is a map-style dataset whose item ``i`` is a sample dict ``{key, image (PIL RGB, a uint8
+tensor with ``fast_jpeg`` (see :func:`~m3ae.data.decode.decode_image`), or None),
 caption (str or None), label (int, -1 unknown)}``; a sample that cannot be read raises
 :class:`~m3ae.data.decode.BadSample` (the loader counts and skips it). Everything a source
 needs is checked when it is built — the path exists, the columns exist, the source is not
@@ -29,8 +30,11 @@ class IndexedSource(Dataset):
 
     name = "source"
 
-    def __init__(self, min_side: int = 0, max_chars: int = 1000):
-        self.min_side, self.max_chars = min_side, max_chars
+    def __init__(self, min_side: int = 0, max_chars: int = 1000, fast_jpeg: bool = False):
+        self.min_side, self.max_chars, self.fast_jpeg = min_side, max_chars, fast_jpeg
+
+    def _decode(self, data, key: str):
+        return decode_image(data, key, self.min_side, self.fast_jpeg)
 
     def captions(self, limit: int | None = None) -> Iterator[str]:
         raise NotImplementedError
@@ -128,7 +132,7 @@ class HDF5Source(IndexedSource):
         image = None
         if self.image_field:
             raw = f[self.image_field][i]
-            image = decode_image(bytes(raw.tobytes() if hasattr(raw, "tobytes") else raw), key, self.min_side)
+            image = self._decode(bytes(raw.tobytes() if hasattr(raw, "tobytes") else raw), key)
         caption = f[self.caption_field][i] if self.caption_field else None
         if image is None and not caption:
             raise BadSample("empty_text", key)
@@ -261,7 +265,7 @@ class TableSource(IndexedSource):
 
     def __getitem__(self, i: int) -> dict:
         key = self.images[i]
-        image = decode_image(self._resolve(key), key, self.min_side)
+        image = self._decode(self._resolve(key), key)
         caps = self.caption_lists[i]
         # One caption per read; torch's generator is seeded per sample by the loader.
         caption = caps[int(torch.randint(len(caps), ()))] if caps else None
@@ -316,7 +320,7 @@ class ImageFolderSource(IndexedSource):
 
     def __getitem__(self, i: int) -> dict:
         key = str(self.files[i].relative_to(self.root))
-        return self._sample(key, decode_image(self.files[i], key, self.min_side), None, self.labels[i])
+        return self._sample(key, self._decode(self.files[i], key), None, self.labels[i])
 
     def captions(self, limit=None):
         return iter(())
@@ -374,7 +378,7 @@ SOURCES = {"hdf5": HDF5Source, "table": TableSource, "imagefolder": ImageFolderS
 
 def open_indexed_source(cfg, min_side: int = 0) -> IndexedSource:
     """The map-style source ``cfg.source`` names, from ``cfg.urls``."""
-    kw = dict(min_side=min_side, max_chars=cfg.max_caption_chars)
+    kw = dict(min_side=min_side, max_chars=cfg.max_caption_chars, fast_jpeg=cfg.image_backend == "tensor")
     if cfg.source == "hdf5":
         return HDF5Source(cfg.urls, cfg.image_column, cfg.caption_column, cfg.text_column, **kw)
     if cfg.source == "table":

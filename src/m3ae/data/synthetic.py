@@ -5,8 +5,8 @@ downloads and is the same on every machine; different seeds give disjoint-in-pra
 splits (the demo trains on seed 0 and evaluates on seed 1). Each image holds one or two
 large shapes (four kinds, six colours) in the quadrants of a textured background; the
 caption names each shape's colour, kind and quadrant, in reading order, in one of a few
-templates. Shapes are large relative to a 4-pixel patch (a shape touches about nine of
-the 64 patches of a 32-pixel image): a 75 % image mask usually leaves part of a shape
+templates. A shape is about 13 pixels across in a 16-pixel quadrant (with the demo's 8-pixel
+patches it touches about four of the 16 patches): a random image mask usually leaves part of a shape
 visible (its colour words can be read from the pixels) and sometimes hides all of it (then
 only the caption can say what was there).
 

@@ -11,11 +11,14 @@ spatial words half of the time.
 from __future__ import annotations
 
 import re
+import warnings
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,44 +72,114 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
+BACKENDS = ("tensor", "pil")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"data.image_backend must be 'tensor' or 'pil', not {backend!r}")
+    return backend
+
+
+def uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """PIL image -> uint8 (3, H, W) RGB tensor, a channels-last view of one copy of the
+    pixels (the layout torch's fast uint8 resize kernel works in); a tensor is returned as is."""
+    if isinstance(image, torch.Tensor):
+        return image
+    with warnings.catch_warnings():  # a read-only array: nothing ever writes into it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(to_rgb(image))).permute(2, 0, 1)
+
+
+_SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(-1, 1, 1))
+_BIAS = -torch.tensor(IMAGENET_MEAN).view(-1, 1, 1) / torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W) -> float32 normalised, ``(x / 255 - mean) / std`` as one multiply-add."""
+    return torch.addcmul(_BIAS, x.to(torch.float32), _SCALE)
+
+
+def _resize_uint8(x: torch.Tensor, size) -> torch.Tensor:
+    # torch's antialiased bicubic on uint8 is the filter Pillow applies (measured: mean
+    # |difference| ~0.05/255), 3-4x faster than Pillow's, and fastest on channels-last input.
+    x = x.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # no copy when already channels-last
+    return F2.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+
 class PretrainTransform:
-    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, caption-aware."""
+    """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, caption-aware.
+
+    ``backend="tensor"`` (the default) crops, resizes and flips uint8 tensors and converts
+    to float once, at the end; ``"pil"`` resizes with Pillow and converts the whole crop to
+    float before normalising. Both draw the same crop and flip from torch's generator, so a
+    seeded sample gets the same geometry either way and pixels within ~0.05/255 on average
+    (tests/data/test_fast_path.py). A sample's image may be a PIL image or a uint8 tensor
+    (``decode_image(fast_jpeg=True)``); a tensor always takes the tensor path.
+    """
 
     def __init__(self, image_size: int, crop_scale=(0.2, 1.0), hflip: float = 0.5,
-                 swap_captions: bool = True, word_pairs=DEFAULT_WORD_PAIRS):
+                 swap_captions: bool = True, word_pairs=DEFAULT_WORD_PAIRS, backend: str = "tensor"):
         self.image_size = image_size
         self.crop = RandomResizedCrop(image_size, scale=tuple(crop_scale),
                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
         self.hflip = hflip
         self.swap_captions = swap_captions
         self.swap_words = WordSwapper(word_pairs)
+        self.backend = check_backend(backend)
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)
         if sample.get("image") is None:  # unpaired text
             return sample
-        img = to_rgb(sample["image"])
-        img = self.crop(img)  # an image smaller than the crop is upsampled
-        if self.hflip > 0 and torch.rand(()) < self.hflip:
-            img = TF.hflip(img)
-            if self.swap_captions and sample.get("caption"):
-                sample["caption"] = self.swap_words(sample["caption"])
-        sample["image"] = normalize(TF.to_tensor(img))
+        image, flipped = self.augment(sample["image"])
+        if flipped and self.swap_captions and sample.get("caption"):
+            sample["caption"] = self.swap_words(sample["caption"])
+        sample["image"] = self.finish(image)
         return sample
+
+    def augment(self, image):
+        """-> (the random crop resized to image_size, flipped or not; whether it was flipped).
+        An image smaller than the crop is upsampled."""
+        if not isinstance(image, torch.Tensor):
+            image = to_rgb(image)
+        top, left, h, w = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        flip = self.hflip > 0 and bool(torch.rand(()) < self.hflip)
+        size = [self.image_size, self.image_size]
+        if isinstance(image, torch.Tensor):
+            out = _resize_uint8(image[:, top:top + h, left:left + w], size)
+        elif self.backend == "tensor":  # crop in Pillow first: only the crop's pixels are copied
+            out = _resize_uint8(uint8_tensor(image.crop((left, top, left + w, top + h))), size)
+        else:
+            out = TF.resized_crop(image, top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
+            return (TF.hflip(out) if flip else out), flip
+        return (out.flip(-1) if flip else out), flip
+
+    def finish(self, image) -> torch.Tensor:
+        """The augmented image -> normalised float32 (3, H, W)."""
+        if isinstance(image, torch.Tensor):
+            return normalize_uint8(image)
+        return normalize(TF.to_tensor(image))
 
 
 class EvalTransform:
-    """Resize the shorter side (bicubic) then centre-crop, and normalise."""
+    """Resize the shorter side (bicubic) then centre-crop, and normalise (``backend`` as in
+    :class:`PretrainTransform`)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, backend: str = "tensor"):
         self.image_size = image_size
+        self.backend = check_backend(backend)
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)
         if sample.get("image") is None:
             return sample
-        img = to_rgb(sample["image"])
-        img = TF.resize(img, self.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        img = sample["image"]
+        if isinstance(img, torch.Tensor) or self.backend == "tensor":
+            x = F2.center_crop(_resize_uint8(uint8_tensor(img), self.image_size), self.image_size)
+            sample["image"] = normalize_uint8(x)
+            return sample
+        img = TF.resize(to_rgb(img), self.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, self.image_size)
         sample["image"] = normalize(TF.to_tensor(img))
         return sample

@@ -12,7 +12,6 @@ Mixup/CutMix and drop-path are not implemented.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from tqdm.auto import tqdm
 from ..data import model_inputs
 from ..model import M3AE
 from ..pretrained import save_safetensors
+from ..training import optim
+from ..training.optim import warmup_cosine
 from .features import pool_tokens
 
 
@@ -39,6 +40,19 @@ class Classifier(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         return self.head(pool_tokens(self.model.forward_features(image), None, self.pool))
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{name}" for name in self.model.no_weight_decay()}
+
+    def layer_id(self, name: str) -> int:
+        """Layer for layer-wise LR decay (:meth:`M3AE.group_matcher`; the head is the last),
+        or -1 for what classifying does not use (decoder, heads, mask tokens): never trained."""
+        if not name.startswith("model."):
+            return self.model.config.depth + 1
+        inner = name[len("model."):]
+        if not inner.startswith(("patch_embed", "text_embed", "cls_token", "encoder")) or "decoder" in inner:
+            return -1
+        return self.model.group_matcher(inner)
 
     def save(self, directory: str | Path) -> Path:
         """``classifier.safetensors`` + ``classifier.json`` (model config, classes, pooling)."""
@@ -84,29 +98,16 @@ class Classifier(nn.Module):
 
 def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: float,
                  last_blocks: int | None) -> list[dict]:
-    """Trainable parameters grouped by (LR scale, weight decay). ``last_blocks=k`` trains only
-    the last k blocks, the final norm and the head; ``None`` trains the whole encoder."""
-    model = clf.model
-    depth = model.config.depth
-    no_decay = model.no_weight_decay()
-    groups: dict[tuple[float, float], list] = {}
+    """Trainable parameters grouped by (LR scale, weight decay), with pre-training's decay rule
+    (:func:`m3ae.training.optim.param_groups`). ``last_blocks=k`` trains only the last k blocks,
+    the final norm and the head; ``None`` trains the whole encoder."""
+    depth = clf.model.config.depth
     for name, p in clf.named_parameters():
-        if name.startswith("model."):
-            inner = name[len("model."):]
-            if not inner.startswith(("patch_embed", "text_embed", "cls_token", "encoder")) or "decoder" in inner:
-                p.requires_grad_(False)  # decoder, heads, mask tokens: not used to classify
-                continue
-            layer = model.group_matcher(inner)
-            if last_blocks is not None and layer < depth + 1 - last_blocks:
-                p.requires_grad_(False)
-                continue
-            wd = 0.0 if inner in no_decay else weight_decay
-        else:  # the head
-            layer, wd = depth + 1, (0.0 if p.dim() <= 1 else weight_decay)
-        p.requires_grad_(True)
-        scale = layer_decay ** (depth + 1 - layer)
-        groups.setdefault((scale, wd), []).append(p)
-    return [{"params": ps, "lr": lr * s, "lr_scale": s, "weight_decay": wd} for (s, wd), ps in groups.items()]
+        p.requires_grad_(clf.layer_id(name) >= (0 if last_blocks is None else depth + 1 - last_blocks))
+    groups = optim.param_groups(clf, weight_decay, lr_scale=lambda name: layer_decay ** (depth + 1 - clf.layer_id(name)))
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return groups
 
 
 @dataclass
@@ -145,11 +146,6 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
                          "(the number of training samples)") from None
     total, warm = max(1, epochs * steps_per_epoch), warmup_epochs * steps_per_epoch
 
-    def lr_factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     history, step = [], 0
     for epoch in range(epochs):
@@ -157,7 +153,7 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
         running, seen = 0.0, 0
         for batch in tqdm(train_loader, disable=not progress, desc=f"finetune {epoch + 1}/{epochs}", dynamic_ncols=True):
             for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"] * lr_factor(step)
+                g["lr"] = lr * g["lr_scale"] * warmup_cosine(step, total, warm)
             image = model_inputs(batch, device)["image"]
             loss = loss_fn(clf(image), batch["label"].to(device))
             opt.zero_grad(set_to_none=True)

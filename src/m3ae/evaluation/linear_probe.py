@@ -9,7 +9,6 @@ at the small batches used here plain SGD behaves the same).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..training.optim import warmup_cosine
 from .features import Features
 
 
@@ -68,8 +68,7 @@ def train_linear_probe(train: Features, num_classes: int | None = None, epochs: 
     batch_size = min(batch_size, len(x))
     steps_per_epoch = max(1, len(x) // batch_size)  # drop the ragged last batch: BatchNorm needs > 1 row
     total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                              0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warm))
     loss_fn = nn.CrossEntropyLoss()
     probe.train()
     for _ in tqdm(range(epochs), disable=not progress, desc=desc, unit="epoch", dynamic_ncols=True, leave=False):

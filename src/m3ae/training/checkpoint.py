@@ -7,12 +7,12 @@ when complete, so a crash never leaves a half-written checkpoint that looks fini
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..io import atomic_write
 from ..pretrained import WEIGHTS_NAME, save_pretrained
 
 STATE_NAME = "trainer_state.pt"
@@ -47,30 +47,6 @@ class WeightsView:
 
     def state_dict(self) -> dict:
         return self._state
-
-
-def _fsync_tree(folder: Path) -> None:
-    # The rename below is only atomic for data already on disk; flush every file first.
-    for p in folder.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform/file system; the rename still happened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -109,24 +85,14 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, tokenizer=None
     """
     if not weights_are_finite(model):
         raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights at step {step}")
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer)
-    with open(tmp / STATE_NAME, "wb") as f:
-        torch.save(state, f)
-    _fsync_tree(tmp)
-    if final.exists():  # the same step written again (e.g. a resumed run that stops there)
-        old = root / f".old_step_{step:08d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+
+    def write(folder: Path) -> None:
+        save_pretrained(model, folder, tokenizer)
+        with open(folder / STATE_NAME, "wb") as f:
+            torch.save(state, f)
+
+    # The same step may be written again (a resumed run that stops there): it is replaced.
+    final = atomic_write(checkpoint_dir(run_dir) / f"step_{step:08d}", write)
     found = list_checkpoints(run_dir)
     keep = kept_steps([checkpoint_step(p) for p in found], keep_last, keep_every,
                       None if protect is None else checkpoint_step(protect))

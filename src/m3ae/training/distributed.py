@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data import dist_info
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,7 +35,9 @@ class DistInfo:
 
 
 def env_rank_info(env: dict | None = None) -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun's variables, else SLURM's, else (0, 0, 1)."""
+    """(rank, local rank, world size) from torchrun's variables, else SLURM's, else (0, 0, 1):
+    what the launcher asks this process to become, read before a process group exists. Once
+    one exists, :func:`m3ae.data.dist_info` reads the ranks from it."""
     env = os.environ if env is None else env
     if "WORLD_SIZE" in env and "RANK" in env:
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
@@ -71,6 +75,8 @@ def init_distributed(device_name: str = "auto", timeout_s: int = 1800) -> DistIn
     """Join the process group (NCCL on GPUs, gloo on CPU) and pick this process's device."""
     check_device(device_name)
     rank, local_rank, world = env_rank_info()
+    if dist.is_initialized():  # a group the caller made (by any init method): its ranks hold
+        rank, world = dist_info()
     cuda = torch.cuda.is_available() if device_name == "auto" else device_name.startswith("cuda")
     if cuda:
         if device_name in ("auto", "cuda"):

@@ -9,6 +9,9 @@ import importlib
 import json
 from pathlib import Path
 
+from ..io import atomic_write
+from ..io import read_jsonl as read_metrics  # the rows of a metrics.jsonl (a torn last line dropped)
+
 
 def _import_optional(module: str, extra: str):
     try:
@@ -18,19 +21,6 @@ def _import_optional(module: str, extra: str):
                           f"(or set train.{extra}=false)") from e
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl; a torn last line (a killed writer) is dropped."""
-    rows = []
-    if not Path(path).exists():
-        return rows
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the rows up to ``last_step``: a resumed run re-logs the steps after its checkpoint,
     so the file ends up with every step exactly once."""
@@ -38,9 +28,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     rows = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class MetricsLogger:

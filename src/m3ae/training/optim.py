@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -10,21 +11,30 @@ from torch import nn
 from ..config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_scales: bool = False) -> list[dict]:
-    """Two groups: decayed weights, and what ``model.no_weight_decay()`` names (no decay).
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_scales: bool = False,
+                 lr_scale: Callable[[str], float] | None = None) -> list[dict]:
+    """The trainable parameters in two groups: decayed weights, and what
+    ``model.no_weight_decay()`` names or is a vector (biases, norms: no decay).
 
     ``decay_norm_scales`` moves the LayerNorm scales into the decayed group, which is what
-    the official JAX code's weight-decay mask does (the paper's numbers were trained so)."""
+    the official JAX code's weight-decay mask does (the paper's numbers were trained so).
+    ``lr_scale(name)`` (layer-wise LR decay) instead makes one group per distinct (LR scale,
+    weight decay), in the order the parameters come, each with its ``"lr_scale"``."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     norm_scales = {f"{mod}.weight".lstrip(".") for mod, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
-    decay, no_decay = [], []
+    # Without lr_scale always these two groups, even if one is empty: saved optimizer states have that shape.
+    groups = {} if lr_scale is not None else {True: {"params": [], "weight_decay": weight_decay},
+                                  False: {"params": [], "weight_decay": 0.0}}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decayed = (decay_norm_scales and name in norm_scales) or (name not in skip and p.dim() > 1)
-        (decay if decayed else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        if lr_scale is None:
+            groups[decayed]["params"].append(p)
+            continue
+        scale, wd = lr_scale(name), (weight_decay if decayed else 0.0)
+        groups.setdefault((scale, wd), {"params": [], "lr_scale": scale, "weight_decay": wd})["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
@@ -37,16 +47,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> 
     return torch.optim.AdamW(groups, **({"fused": True} if plain else {"foreach": True}), **kwargs)
 
 
+def warmup_cosine(step: int, total: float, warmup: float, peak: float = 1.0, end: float = 0.0) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total``: linear warmup to ``peak`` over the
+    first ``warmup`` steps (step 0 already trains, at ``peak / warmup``), then a cosine from
+    ``peak`` down to ``end``, reached at ``total`` and held after it. Pre-training, the linear
+    probe and fine-tuning all use it (the last two as a factor: ``peak=1``, ``end=0``)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: TrainConfig, world_size: int = 1) -> float:
     """Linear warmup from 0 over ``warmup_steps``, then cosine from peak to ``min_lr``.
 
     The peak follows the global batch, so it depends on the number of processes."""
-    peak = cfg.lr_for(world_size)
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.min_lr + (peak - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr_for(world_size), cfg.min_lr)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, world_size: int = 1,

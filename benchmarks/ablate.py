@@ -21,6 +21,7 @@ VARIANTS = {
     "fp32 (the default config)": [],
     "  text head + log-softmax instead of the fused head": ["train.fused_text_loss=false"],
     "  activation checkpointing": ["train.grad_checkpointing=true"],
+    "  without keeping freed memory": ["train.keep_freed_memory=false"],
     "bf16 autocast": ["train.precision=bf16"],
     "  bf16, text head + log-softmax instead of the fused head": ["train.precision=bf16",
                                                                    "train.fused_text_loss=false"],
@@ -61,11 +62,13 @@ def main() -> None:
 def report(runs: dict[str, list[dict]], a) -> None:
     """Medians per variant. On a shared machine absolute samples/s swing with the load, so
     compare ``samples/s per peak`` (samples/s divided by the matmul peak measured between
-    the steps of the same run, in samples per GFLOP of peak): the load slows both alike."""
+    the steps of the same run, in samples per GFLOP of peak): the load slows both alike.
+    On a CPU, ``samples per CPU-s`` (per second of this process's CPU time) does not count
+    the time the scheduler gave to other jobs at all."""
     rows = []
     print("| variant | runs | samples/s (median) | samples/s per peak GFLOP/s | step s | GFLOP/sample executed |"
-          " matmul peak GFLOP/s | MFU | MFU (plain FLOPs) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          " matmul peak GFLOP/s | MFU | MFU (plain FLOPs) | samples per CPU-s | MFU (CPU time) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n, rs in runs.items():
         med = lambda k: statistics.median(x[k] for x in rs)  # noqa: E731
         norm = statistics.median(x["samples_per_s"] / (x.get("local_peak_median_flops", x["peak_matmul_flops"]) / 1e9)
@@ -76,10 +79,15 @@ def report(runs: dict[str, list[dict]], a) -> None:
                                                 for x in rs) / 1e9,
                "mfu": med("mfu"), "mfu_plain": med("mfu_plain_flops"), "samples_per_s_per_peak_gflops": norm,
                "all_samples_per_s": [x["samples_per_s"] for x in rs], "command": rs[0]["command"]}
+        if all("samples_per_cpu_s" in x for x in rs):  # CPU runs: CPU time, blind to other jobs' load
+            row.update(samples_per_cpu_s=med("samples_per_cpu_s"), mfu_cpu_time=med("mfu_cpu_time"),
+                       all_samples_per_cpu_s=[x["samples_per_cpu_s"] for x in rs])
+        cpu = (f" {row['samples_per_cpu_s']:.1f} | {100 * row['mfu_cpu_time']:.1f}% |" if "samples_per_cpu_s" in row
+               else " - | - |")
         rows.append(row)
         print(f"| {n.strip()} | {len(rs)} | {row['samples_per_s']:.1f} | {norm:.3f} | {row['step_s']:.3f} | "
               f"{row['gflop_per_sample']:.3f} | "
-              f"{row['peak_gflops']:.0f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_plain']:.1f}% |")
+              f"{row['peak_gflops']:.0f} | {100 * row['mfu']:.1f}% | {100 * row['mfu_plain']:.1f}% |" + cpu)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))

@@ -136,8 +136,9 @@ def count_flops(step_like, batches) -> float:
     return total / len(batches)
 
 
-def matmul_peak(device, dtype, n: int, reps: int = 5, min_time: float = 0.3) -> float:
-    """Best FLOP/s of an n x n x n matmul in ``dtype`` on ``device`` (the same threads as training)."""
+def matmul_peak(device, dtype, n: int, reps: int = 5, min_time: float = 0.3, flop: list | None = None) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` on ``device`` (the same threads as training).
+    ``flop`` (a list) receives [FLOPs, CPU seconds] of the timed matmuls, for a CPU-time rate."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
@@ -145,8 +146,9 @@ def matmul_peak(device, dtype, n: int, reps: int = 5, min_time: float = 0.3) -> 
         torch.mm(a, b, out=c)
     sync(device)
     best = 0.0
+    total, cpu = 0, 0.0
     for _ in range(reps):
-        iters, t0 = 0, time.perf_counter()
+        iters, t0, c0 = 0, time.perf_counter(), time.process_time()
         while True:
             torch.mm(a, b, out=c)
             iters += 1
@@ -154,7 +156,11 @@ def matmul_peak(device, dtype, n: int, reps: int = 5, min_time: float = 0.3) -> 
             dt = time.perf_counter() - t0
             if dt >= min_time:
                 break
+        cpu += time.process_time() - c0
+        total += 2 * n ** 3 * iters
         best = max(best, 2 * n ** 3 * iters / dt)
+    if flop is not None:
+        flop[:] = [total, cpu]
     return best
 
 
@@ -208,15 +214,18 @@ def _timed_steps(step: TrainStep, batches, args, device, dtype) -> tuple[list[fl
     the peak measured next to it and the utilisation is the median of those per-step ratios."""
     accum = step.cfg.train.accum_steps
     burst_n = 1024 if device.type == "cpu" else 8192
-    times, local_peaks = [], []
+    times, cpu_times, local_peaks, cpu_peaks = [], [], [], []
     for i in range(args.steps):
         micro = [batches[(i * accum + k) % len(batches)] for k in range(accum)]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(args.warmup + i, micro)
         sync(device)
         times.append(time.perf_counter() - t0)
-        local_peaks.append(matmul_peak(device, dtype, burst_n, reps=1, min_time=args.burst_s))
-    return times, local_peaks
+        cpu_times.append(time.process_time() - c0)
+        flop = []
+        local_peaks.append(matmul_peak(device, dtype, burst_n, reps=1, min_time=args.burst_s, flop=flop))
+        cpu_peaks.append(flop[0] / max(flop[1], 1e-9))
+    return times, local_peaks, cpu_times, cpu_peaks
 
 
 def run(args) -> dict:
@@ -251,7 +260,7 @@ def run(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss_reset = reset_rss_peak()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    times, local_peaks = _timed_steps(step, batches, args, device, dtype)
+    times, local_peaks, cpu_times, cpu_peaks = _timed_steps(step, batches, args, device, dtype)
     last = step.metrics()  # the one host read, after the timed steps (as m3ae pretrain at log_every)
     peak_after = measured_peak(device, precision)
     peak = max(peak_before["peak_flops"], peak_after["peak_flops"])
@@ -283,6 +292,13 @@ def run(args) -> dict:
         "mfu_vs_best_peak": flops * sps / peak, "local_peak_median_flops": statistics.median(local_peaks),
         "nominal_peak_flops": args.nominal_peak_tflops * 1e12 if args.nominal_peak_tflops else None,
         "mfu_vs_nominal": flops * sps / (args.nominal_peak_tflops * 1e12) if args.nominal_peak_tflops else None,
+        # CPU time of this process (all its threads): on a CPU shared with other jobs the
+        # wall time counts the time the scheduler gave to others, the CPU time does not.
+        **({"step_cpu_time_median_s": statistics.median(cpu_times),
+            "samples_per_cpu_s": batch / statistics.median(cpu_times),
+            "peak_matmul_flops_per_cpu_s": statistics.median(cpu_peaks),
+            "mfu_cpu_time": flops * batch / statistics.median(cpu_times) / statistics.median(cpu_peaks)}
+           if device.type == "cpu" else {}),
         "memory_bytes": mem, "last_losses": {k: last[k] for k in ("loss", "image_loss", "text_loss",
                                                                   "text_accuracy", "grad_norm")},
     }
@@ -303,6 +319,10 @@ def table(r: dict) -> str:
         ("MFU vs peak between steps (executed / plain-path FLOPs)",
          f"{100 * r['mfu']:.1f}% / {100 * r['mfu_plain_flops']:.1f}%"),
         ("MFU vs best peak of the run", f"{100 * r['mfu_vs_best_peak']:.1f}%"),
+        *([("per CPU-second: samples / matmul peak GFLOP / MFU",
+            f"{r['samples_per_cpu_s']:.1f} / {r['peak_matmul_flops_per_cpu_s'] / g:.1f} / "
+            f"{100 * r['mfu_cpu_time']:.1f}% (step CPU time {r['step_cpu_time_median_s']:.4f} s)")]
+          if "samples_per_cpu_s" in r else []),
         *([("MFU vs nominal peak", f"{100 * r['mfu_vs_nominal']:.1f}% of {r['nominal_peak_flops'] / 1e12:.0f} TFLOP/s")]
           if r["mfu_vs_nominal"] else []),
         *[(f"memory: {k} (MiB)", f"{v / 2**20:.0f}") for k, v in r["memory_bytes"].items()],

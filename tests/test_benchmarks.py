@@ -77,6 +77,11 @@ def test_benchmark_script_runs_and_reports_consistent_numbers(bench, tmp_path):
     # the masked-token text head + trimming execute fewer FLOPs than the plain path
     assert 0 < r["flops_per_sample"] < r["plain_flops_per_sample"]
     assert all(torch.isfinite(torch.tensor(v)) for v in saved["last_losses"].values())
+    # CPU time (blind to other jobs on a shared CPU): the same relations
+    assert saved["samples_per_cpu_s"] == pytest.approx(8 / saved["step_cpu_time_median_s"])
+    assert saved["mfu_cpu_time"] == pytest.approx(
+        saved["flops_per_sample"] * saved["samples_per_cpu_s"] / saved["peak_matmul_flops_per_cpu_s"])
+    assert 0 < saved["mfu_cpu_time"] < 1.5
     # switches are config fields
     plain = bench.parse_args(["--plain", "train.precision=bf16"])
     cfg = bench.bench_config(plain)

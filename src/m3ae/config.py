@@ -178,6 +178,10 @@ class TrainConfig:
     strategy: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard, large models)
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory)
     compile: bool = False  # torch.compile the training step
+    # CPU training (glibc): freed memory stays in the process instead of going back to the
+    # OS, so the next step does not page-fault its big buffers back in (~10% of a bench-cpu
+    # step, benchmarks/RESULTS.md). Process-wide; RSS then stays at the step's high-water mark.
+    keep_freed_memory: bool = True
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row (0 = never)
     log_every: int = 10
     ckpt_every: int = 500

@@ -98,3 +98,48 @@ def test_a_nonfinite_step_is_skipped_on_the_device():
     step(2, batches[2:3])
     assert not step.in_bad_streak() and step.metrics()["skipped_steps"] == 1
     assert all(torch.equal(s["step"], c + 1) for s, c in zip(step.optimizer.state.values(), opt_steps))
+
+
+def test_a_single_process_needs_no_anchor_and_gets_the_same_numbers():
+    """One process leaves out LossModule's anchor (0 x one element of each parameter outside
+    the blocks) and gives the parameters a batch did not reach a zero gradient instead: the
+    same weights and AdamW moments as with the anchor, also after a batch without captions."""
+    plain, batches = _step_and_batches([], 2)
+    anchored, _ = _step_and_batches([], 2)
+    assert not plain.module.anchor
+    anchored.module.anchor = True
+    no_text = {k: v for k, v in batches[0].items() if k not in ("text", "text_padding_mask")}
+    for i, batch in enumerate([batches[0], no_text, batches[1]]):
+        plain(i, [batch])
+        anchored(i, [batch])
+    assert plain.model.text_head.weight.grad is not None
+    for (name, v), w in zip(plain.model.state_dict().items(), anchored.model.state_dict().values()):
+        assert torch.equal(v, w), name
+    for p, q in zip(plain.optimizer.state.values(), anchored.optimizer.state.values()):
+        assert all(torch.equal(p[k], q[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+
+
+def test_nonfinite_parameters_finds_nan_and_both_infinities():
+    from m3ae.training.distributed import DistInfo
+    from m3ae.training.nonfinite import nonfinite_parameters
+
+    info = DistInfo(device=torch.device("cpu"))
+    params = [torch.zeros(3), torch.ones(2, 2), torch.empty(0), torch.full((5,), 2.0), torch.ones(4)]
+    assert nonfinite_parameters(params, info).item() == 0
+    params[0][1], params[1][0, 1], params[3][4] = float("nan"), float("inf"), float("-inf")
+    assert nonfinite_parameters(params, info).item() == 3
+
+
+def test_keeping_freed_memory_is_a_config_switch(monkeypatch):
+    import platform
+
+    from m3ae.training import step as step_module
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert step_module.keep_freed_memory() is True
+    calls = []
+    monkeypatch.setattr(step_module, "keep_freed_memory", lambda: calls.append(1) or True)
+    _step_and_batches(["train.keep_freed_memory=false"], 0)
+    assert calls == []
+    _step_and_batches([], 0)
+    assert calls == [1]

@@ -29,9 +29,13 @@ def nonfinite_parameters(params, info: DistInfo) -> torch.Tensor:
     """How many parameters hold a non-finite value, over every rank, as a device tensor (one
     reduction and no host read; under FSDP each rank holds only its shard)."""
     local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params]
+    local = [t for t in local if t.numel()]  # an FSDP shard can be empty
     if not local:
         return torch.zeros(1)
-    bad = (~torch.stack([torch.isfinite(t).all() for t in local])).sum().float().reshape(1)
+    # A tensor is finite iff its min and max are (both propagate NaN): two fast reductions
+    # with no (numel,) temporaries, unlike isfinite(t).all() (~10x slower on CPU).
+    ends = torch.stack([e for t in local for e in torch.aminmax(t)]).reshape(-1, 2)
+    bad = (~torch.isfinite(ends)).any(1).sum().float().reshape(1)
     return all_reduce_sum(bad, info) if info.distributed else bad
 
 

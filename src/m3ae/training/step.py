@@ -32,6 +32,8 @@ Why a run gives the same numbers for any number of processes (same global batch)
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import warnings
 from typing import NamedTuple
 
@@ -55,15 +57,18 @@ class LossModule(nn.Module):
 
     A batch without captions leaves the text-side parameters (text embedding, text head,
     text mask/type tokens) out of the graph, and DDP without ``find_unused_parameters``
-    would then wait forever for their gradients. Adding 0 x one element of every parameter
-    outside the transformer blocks keeps them all in the graph: their gradient is exactly 0
-    and every other gradient is unchanged. (Blocks are always used; under FSDP2 only the
-    root's parameters are unsharded here, which are exactly these.)
+    would then wait forever for their gradients. With ``anchor`` (several processes),
+    adding 0 x one element of every parameter outside the transformer blocks keeps them all
+    in the graph: their gradient is exactly 0 and every other gradient is unchanged. (Blocks
+    are always used; under FSDP2 only the root's parameters are unsharded here, which are
+    exactly these.) A single process does without it (its backward materialises a zero
+    gradient the size of each such parameter, and adds it: ~40% of the parameters, the
+    vocabulary tables); :class:`TrainStep` gives the parameters left out a zero gradient.
     """
 
-    def __init__(self, model: M3AE, criterion: M3AELoss):
+    def __init__(self, model: M3AE, criterion: M3AELoss, anchor: bool = True):
         super().__init__()
-        self.model, self.criterion = model, criterion
+        self.model, self.criterion, self.anchor = model, criterion, anchor
 
     def forward(self, image, text, text_padding_mask, image_valid, image_noise, text_noise,
                 image_denom, text_denom, accuracy_denom, masked_tokens: int) -> LossOutput:
@@ -71,6 +76,8 @@ class LossModule(nn.Module):
                          text_noise=text_noise, text_logits=False)
         losses = self.criterion(out, image_denom, text_denom, accuracy_denom,
                                 text_head=self.model.text_head, masked_tokens=masked_tokens)
+        if not self.anchor:
+            return losses
         anchor = sum(p.reshape(-1)[:1].sum() for n, p in self.model.named_parameters()
                      if not n.startswith(("encoder.blocks.", "decoder.blocks.")))
         return losses._replace(total=losses.total + 0.0 * anchor)
@@ -89,6 +96,21 @@ def masking_noise(seed: int, micro_step: int, stream: int, rows: int, length: in
     if quarter_fraction > 0:
         full = hide_a_quarter_first(full, round(quarter_fraction * full.shape[0]))
     return full[info.rank::info.world_size]
+
+
+def keep_freed_memory() -> bool:
+    """glibc: never return freed memory to the OS (no mmap for big blocks, no heap trimming).
+
+    A CPU step frees and re-allocates the same big buffers every time (the text head's
+    logits, the vocabulary-sized gradients); by default glibc unmaps or trims them and the
+    next step page-faults them back in, zeroed by the kernel. Process-wide; False where the
+    C library has no ``mallopt`` (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def precision_context(precision: str, device: torch.device):
@@ -138,9 +160,11 @@ class TrainStep:
         self.fsdp = world > 1 and tcfg.strategy == "fsdp"
         self._autocast = precision_context(tcfg.precision, device)  # refuses fp16 without a GPU
         model.set_grad_checkpointing(tcfg.grad_checkpointing)
+        if device.type == "cpu" and tcfg.keep_freed_memory:
+            keep_freed_memory()
         criterion = M3AELoss(tcfg.image_loss_weight, tcfg.text_loss_weight, tcfg.norm_pix_loss,
                              tcfg.text_loss_norm, tcfg.fused_text_loss)
-        self.module = wrap_model(LossModule(model, criterion), tcfg.strategy, self.info)
+        self.module = wrap_model(LossModule(model, criterion, anchor=self.info.distributed), tcfg.strategy, self.info)
         self.optimizer = build_optimizer(model, tcfg, world)  # after fully_shard: DTensor parameters
         self.scheduler = build_scheduler(self.optimizer, tcfg, world)
         self.scaler = torch.amp.GradScaler("cuda") if tcfg.precision == "fp16" else None
@@ -168,6 +192,10 @@ class TrainStep:
                                 losses.text_accuracy]).detach().float()
             logged[0] += (~torch.isfinite(vals[0])).float()
             logged[1:] += vals / accum
+        if not self.info.distributed:  # what LossModule's anchor does with several processes
+            for p in self._params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self._update(step, all_reduce_sum(logged, self.info))
 
     def _denominators(self, plans: list[BatchPlan]):
@@ -318,4 +346,5 @@ class TrainStep:
         self.skipped.fill_(st.get("skipped_steps", 0))
 
 
-__all__ = ["TrainStep", "LossModule", "BatchPlan", "plan_batch", "masking_noise", "precision_context"]
+__all__ = ["TrainStep", "LossModule", "BatchPlan", "plan_batch", "masking_noise", "precision_context",
+           "keep_freed_memory"]

@@ -55,9 +55,13 @@ def test_resume_paths_that_are_not_checkpoints_say_what_they_are(h, tiny, tmp_pa
         resolve_resume(str(run), tmp_path / "other")
 
 
-def test_ctrl_c_writes_a_checkpoint_at_that_step_and_resume_finishes_the_same(h, tiny, tmp_path, monkeypatch):
+def test_ctrl_c_writes_a_checkpoint_at_that_step_and_resume_finishes_the_same(h, tiny, tmp_path, monkeypatch,
+                                                                              request):
     from m3ae.training import loggers
 
+    # As in a terminal, whatever started pytest (a background job under nohup ignores SIGINT).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, before))
     over = ["train.steps=5", "train.ckpt_every=0"]
     full = pretrain(_cfg(h, tiny, *over), tmp_path / "full", progress=False)
     log = loggers.MetricsLogger.log

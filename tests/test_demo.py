@@ -113,18 +113,23 @@ def test_rerunning_a_finished_run_reprints_it_without_training(finished, monkeyp
         run(out, [], ["train.steps=6"])
 
 
-@pytest.mark.slow
-def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+def interrupt_at(step, out, monkeypatch):
+    """Run the tiny demo into ``out`` with Ctrl-C raised while step ``step`` is logged."""
     log = MetricsLogger.log
 
-    def ctrl_c_at_step_3(self, row):  # Ctrl-C during step 3: the last checkpoint is step 2
-        if row.get("step") == 3:
+    def ctrl_c(self, row):
+        if row.get("step") == step:
             raise KeyboardInterrupt
         log(self, row)
-    monkeypatch.setattr(MetricsLogger, "log", ctrl_c_at_step_3)
+    monkeypatch.setattr(MetricsLogger, "log", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, [])
+        run(out, [])
     monkeypatch.setattr(MetricsLogger, "log", log)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    interrupt_at(3, tmp_path, monkeypatch)  # during step 3: the last checkpoint is step 2
     assert not (tmp_path / "summary.json").exists()
     messages = []
     s = run(tmp_path, messages)
@@ -137,16 +142,7 @@ def test_an_interrupted_run_continues_from_its_checkpoint(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_a_run_stopped_before_its_first_checkpoint_starts_afresh_quietly(tmp_path, monkeypatch, capsys):
-    log = MetricsLogger.log
-
-    def ctrl_c_at_step_1(self, row):  # before the first checkpoint (step 2): nothing to continue
-        if row.get("step") == 1:
-            raise KeyboardInterrupt
-        log(self, row)
-    monkeypatch.setattr(MetricsLogger, "log", ctrl_c_at_step_1)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, [])
-    monkeypatch.setattr(MetricsLogger, "log", log)
+    interrupt_at(1, tmp_path, monkeypatch)  # before the first checkpoint (step 2): nothing to continue
     capsys.readouterr()
     messages = []
     s = run(tmp_path, messages)

@@ -39,9 +39,10 @@ def test_exif_orientation_applied():
     (image_bytes("rgb", size=(64, 64))[:300], "bad_image"),  # truncated JPEG
     (b"\xff\xd8\xff" + bytes(200), "bad_image"),  # corrupt JPEG header
 ])
-def test_bad_bytes_raise_bad_sample(data, reason):
+@pytest.mark.parametrize("fast_jpeg", [False, True])  # the torchvision path reports them alike
+def test_bad_bytes_raise_bad_sample(data, reason, fast_jpeg):
     with pytest.raises(BadSample) as e:
-        decode_image(data, "key-1")
+        decode_image(data, "key-1", fast_jpeg=fast_jpeg)
     assert e.value.reason == reason and e.value.key == "key-1"
 
 

@@ -33,7 +33,7 @@ from .io import atomic_write, read_jsonl
 from .model import M3AE
 from .tokenizer import TextEncoder, load_tokenizer
 from .training import pretrain
-from .training.checkpoint import list_checkpoints
+from .training.checkpoint import checkpoint_step, list_checkpoints
 from .visualize import reconstruction_images, save_figure, save_reconstruction_grid
 
 DEMO_OVERRIDES = [
@@ -438,7 +438,7 @@ def _check_same_run(out_dir: Path, cfg: Config) -> None:
 def _train(cfg: Config, out_dir: Path, progress: bool, say) -> dict:
     """Pre-train (continuing from the newest checkpoint if any) and account the time spent."""
     ckpts = list_checkpoints(out_dir) if out_dir.is_dir() else []
-    done = int(ckpts[-1].name.split("_")[-1]) if ckpts else 0
+    done = checkpoint_step(ckpts[-1]) if ckpts else 0
     if 0 < done < cfg.train.steps:
         say(f"continuing the interrupted demo run in {out_dir} from its checkpoint at step {done} of {cfg.train.steps}")
     elif done >= cfg.train.steps:

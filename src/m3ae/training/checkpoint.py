@@ -28,7 +28,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
         return []
     done = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_NAME).is_file()
             and (p / WEIGHTS_NAME).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    return sorted(done, key=checkpoint_step)
 
 
 def weights_are_finite(model_or_state) -> bool:

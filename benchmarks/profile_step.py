@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--trace", default=None, help="also write a Chrome trace here")
+    p.add_argument("--shapes", action="store_true", help="group the ops by input shapes too")
     a = p.parse_args(argv)
     config = ["--config", a.config] if a.config else []
     args = tt.parse_args(["--threads", str(a.threads), "--device", "cpu", *config, *a.overrides])
@@ -52,11 +53,11 @@ def main(argv=None) -> None:
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=a.shapes) as prof:
         for i in range(a.steps):
             step(a.warmup + a.steps + i, [batches[i % len(batches)]])
     step.metrics()
-    ka = prof.key_averages()
+    ka = prof.key_averages(group_by_input_shape=a.shapes)
     total = sum(e.self_cpu_time_total for e in ka)
     print(f"config: {args.config or tt.BENCH_CPU.name} {' '.join(a.overrides)}; threads {a.threads}; "
           f"batch {cfg.train.batch_size}")
@@ -67,7 +68,8 @@ def main(argv=None) -> None:
     print("| op | self CPU % | self CPU ms per step | calls per step |")
     print("|---|---|---|---|")
     for e in sorted(ka, key=lambda e: -e.self_cpu_time_total)[:a.top]:
-        print(f"| `{e.key}` | {100 * e.self_cpu_time_total / total:.1f} | "
+        key = f"{e.key} {e.input_shapes}" if a.shapes else e.key
+        print(f"| `{key}` | {100 * e.self_cpu_time_total / total:.1f} | "
               f"{e.self_cpu_time_total / 1e3 / a.steps:.1f} | {e.count / a.steps:.0f} |")
     ops = sum(e.count for e in ka if e.key.startswith("aten::")) / a.steps
     print(f"\naten ops per step: {ops:.0f}")

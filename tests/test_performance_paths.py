@@ -207,16 +207,52 @@ def test_cpu_autocast_runs_attention_in_float32(cfg, monkeypatch):
     import m3ae.model
 
     seen = []
-    real = F.scaled_dot_product_attention
+    real = m3ae.model.attention
 
-    def spy(q, k, v, **kw):
+    def spy(q, k, v, *args):
         seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
-        return real(q, k, v, **kw)
+        return real(q, k, v, *args)
 
-    monkeypatch.setattr(m3ae.model.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(m3ae.model, "attention", spy)
     model = M3AE(cfg)
     data = _batch(cfg, [16, 12])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(*data[:3], image_noise=data[3], text_noise=data[4], text_logits=False)
     assert seen and all(s == (torch.float32, False) for s in seen)
     assert out.image_pred.dtype == torch.bfloat16  # the rest of the model stays in bf16
+
+
+@pytest.mark.parametrize("length", [23, 200])
+def test_explicit_attention_matches_the_fused_kernel(length, monkeypatch):
+    """Short CPU sequences take plain matmul + softmax (faster there); both paths must give
+    the same outputs and gradients, padding keys included."""
+    import m3ae.model
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, length, 16, generator=g, requires_grad=True) for _ in range(3))
+    mask = (torch.rand(3, 1, 1, length, generator=g) > 0.3)
+    mask[..., 0] = True
+    grad_out = torch.randn(3, 2, length, 16, generator=g)
+    results = {}
+    for limit in (0, 10_000):  # 0: always the fused kernel; 10_000: always explicit
+        monkeypatch.setattr(m3ae.model, "EXPLICIT_CPU_ATTENTION_MAX_LEN", limit)
+        out, weights = m3ae.model.attention(q, k, v, mask)
+        assert weights is None
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        results[limit] = (out, *grads)
+    for fused, explicit in zip(results[0], results[10_000]):
+        torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_short_cpu_sequences_skip_the_fused_attention_kernel(monkeypatch):
+    import m3ae.model
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(m3ae.model.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape[-2]) or real(*a, **kw))
+    limit = m3ae.model.EXPLICIT_CPU_ATTENTION_MAX_LEN
+    for length in (limit, limit + 1):
+        q = torch.randn(1, 1, length, 8)
+        m3ae.model.attention(q, q, q)
+    assert calls == [limit + 1]

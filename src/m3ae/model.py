@@ -38,25 +38,41 @@ class Attention(nn.Module):
                 return_attention: bool = False):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:
-            # Explicit softmax so the weights can be returned (visualisation only).
-            logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-            if attn_mask is not None:
-                logits = logits.masked_fill(~attn_mask, float("-inf"))
-            weights = logits.softmax(-1)
-            out = weights @ v
+        if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # A fixed rule: PyTorch's CPU attention kernels are 4-5x slower in bf16 than in
+            # float32 (the backward especially; benchmarks/RESULTS.md), and attention is a
+            # small share of the FLOPs, so under CPU autocast it runs in float32.
+            with torch.autocast("cpu", enabled=False):
+                out, weights = attention(q.float(), k.float(), v.float(), attn_mask, return_attention)
         else:
-            weights = None
-            if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-                # A fixed rule: PyTorch's CPU attention kernels are 4-5x slower in bf16 than
-                # in float32 (the backward especially; benchmarks/RESULTS.md), and attention
-                # is a small share of the FLOPs, so under CPU autocast it runs in float32.
-                with torch.autocast("cpu", enabled=False):
-                    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            out, weights = attention(q, k, v, attn_mask, return_attention)
         out = self.proj(out.transpose(1, 2).reshape(b, n, d))
         return (out, weights) if return_attention else out
+
+
+# On CPU, PyTorch's fused attention kernel costs more than plain matmul + softmax for short
+# sequences (fwd+bwd, 2 threads: 1.1-1.5x slower at 23-128 tokens, 2x faster at 321;
+# benchmarks/RESULTS.md). Under torch.compile the fused op is left to the compiler.
+EXPLICIT_CPU_ATTENTION_MAX_LEN = 128
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+              return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q k^T / sqrt(d) masked) v for (B, H, L, d) inputs; ``attn_mask`` True = attend.
+
+    Returns (output, weights); the weights only with ``return_weights`` (visualisation),
+    which, like short sequences on CPU, takes the explicit path; otherwise PyTorch's fused
+    ``scaled_dot_product_attention``.
+    """
+    explicit = return_weights or (q.device.type == "cpu" and q.shape[-2] <= EXPLICIT_CPU_ATTENTION_MAX_LEN
+                                  and not torch.compiler.is_compiling())
+    if not explicit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), None
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # scaling q: (L, d) < (L, L) products
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    weights = logits.softmax(-1)
+    return weights @ v, (weights if return_weights else None)
 
 
 class Mlp(nn.Module):

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
+from ..io import atomic_write
 from ..model import M3AE
 from ..pretrained import save_safetensors
 from ..training import optim
@@ -63,7 +64,7 @@ class Classifier(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.startswith(("model.decoder", "model.image_head", "model.text_head"))}
         save_safetensors(state, directory / "classifier.safetensors")
-        (directory / "classifier.json").write_text(json.dumps(
+        atomic_write(directory / "classifier.json", json.dumps(
             {"model": asdict(self.model.config), "num_classes": self.head.out_features, "pool": self.pool,
              "class_names": self.class_names}, indent=2))
         return directory

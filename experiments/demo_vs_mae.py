@@ -26,7 +26,14 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from m3ae.io import atomic_write
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # also when loaded by path (tests), not run as a script
+    sys.path.insert(0, str(HERE))
+from reproduce import compare  # noqa: E402  (the reproduction's seed-range rule)
+
+ROOT = HERE.parent
 MODELS = {"m3ae": [], "mae": ["data.paired_fraction=0"]}
 TASKS = ("shape", "colour")
 
@@ -57,13 +64,12 @@ def collect(out: Path, seeds: list[int]) -> dict:
 
 
 def verdict(m3ae: list[float], mae: list[float]) -> str:
+    """The reproduction's rule (:func:`reproduce.compare`) on paired seeds, in this table's words."""
     if len(m3ae) < 2 or len(m3ae) != len(mae):
         return "too few seeds"
-    if min(m3ae) > max(mae):
-        return "M3AE ahead in every seed"
-    if max(m3ae) < min(mae):
-        return "MAE ahead in every seed"
-    return "inconclusive (seed ranges overlap)"
+    v = compare(m3ae, mae)
+    return {"reproduced in direction": "M3AE ahead in every seed",
+            "not reproduced (opposite direction)": "MAE ahead in every seed"}.get(v, v)
 
 
 def report(out: Path, seeds: list[int], docs: Path = ROOT / "docs" / "results") -> dict:
@@ -81,9 +87,8 @@ def report(out: Path, seeds: list[int], docs: Path = ROOT / "docs" / "results") 
     result = {"what": __doc__.split("\n\n")[0], "seeds": done,
               "command": f"python experiments/demo_vs_mae.py --jobs 2 --seeds {' '.join(map(str, seeds))}",
               "probe_top1": table, "runs": runs}
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / "demo_vs_mae.json").write_text(json.dumps(result, indent=1) + "\n")
-    (docs / "demo_vs_mae.md").write_text(render(result))
+    atomic_write(docs / "demo_vs_mae.json", json.dumps(result, indent=1) + "\n")
+    atomic_write(docs / "demo_vs_mae.md", render(result))
     return result
 
 

@@ -82,7 +82,7 @@ def test_smoke_pipeline_runs_reports_and_skips(reproduce, shared_data, tmp_path)
     assert {Path(p).name for p in m3ae["pictures"]} == {"recon_val.png", "recon_train_captions.png",
                                                         "attention.png"}
 
-    md = (docs / "results.md").read_text()
+    md = (docs / "results" / "smoke.md").read_text()  # docs/results.md is the standard mode's page
     summary = json.loads((docs / "results" / "smoke.json").read_text())
     assert "## Verdicts" in md and "| MAE | 44.6 |" in md
     # Tables come from the measurements: the probe accuracy in the report is the run's.
@@ -105,7 +105,7 @@ def test_smoke_pipeline_runs_reports_and_skips(reproduce, shared_data, tmp_path)
 
     shutil.rmtree(out)
     assert reproduce.main(args + ["--report"]) == 0
-    assert (docs / "results.md").read_text() == md
+    assert (docs / "results" / "smoke.md").read_text() == md
 
 
 def _fake_result(name, kind, seed, cls, mean, pf=1.0, tm=0.75, steps=(150, 300)):
@@ -147,3 +147,49 @@ def test_standard_report_states_the_measured_gap(reproduce, tmp_path):
     assert (docs / "results" / "standard_curve.png").stat().st_size > 0
     # Gap in direction but below 3x the std: not called reproduced.
     assert reproduce.compare_strict([11.0, 12.0, 13.0], [10.0, 10.5, 10.9]).startswith("in direction, but")
+
+
+def test_the_plan_fits_the_budget_and_drops_ablations_before_seeds(reproduce):
+    mode = dict(reproduce.MODES["standard"], step_range=(600, 2400), batch_size=100)
+    specs = reproduce.run_specs(mode)  # 3 MAE + 3 M3AE seeds, 2 ablations
+    measured = {"samples_per_s": {"m3ae": 100.0, "mae": 200.0}, "probe_checkpoint_s": 10.0, "ood_s": 20.0,
+                "caption_diag_s": 5.0, "timed_steps": 15}
+    # Per step: 5 M3AE runs x 1 s + 3 MAE runs x 0.5 s = 6.5 s; evaluation: 8 x 40 + 6 x 20 + 5 x 5 = 465 s.
+    p = reproduce.plan(mode, specs, measured, budget_s=3000, processes=2, spent_s=100)
+    assert p["steps"] == int((2 * 2900 - 465) / 6.5) // 50 * 50 == 800 and p["fits"] and not p["dropped"]
+    assert p["estimated_wall_s"] == pytest.approx(100 + (465 + 800 * 6.5) / 2) and p["estimated_wall_s"] <= 3000
+    assert p["warmup"] == round(800 / 15)
+    # Too little time: the ablations go first (each frees 1 s a step and 45 s of evaluation).
+    # With all 8 runs: (4000 - 465) / 6.5 -> 500 steps < 600; without the last: (4000 - 420) / 5.5 -> 650.
+    p = reproduce.plan(mode, specs, measured, budget_s=2100, processes=2, spent_s=100)
+    assert p["dropped"] == ["m3ae_textmask0.15_s0"] and p["steps"] == 650 and p["fits"]
+    assert "m3ae_paired0.1_s0" in p["runs"]
+    assert sum(n.startswith(("mae_s", "m3ae_s")) for n in p["runs"]) == 6  # every seed stays
+    # Even without them it does not fit: the smallest step count, said so.
+    p = reproduce.plan(mode, specs, measured, budget_s=600, processes=1, spent_s=100)
+    assert p["steps"] == 600 and not p["fits"] and len(p["dropped"]) == 2
+
+
+@pytest.mark.slow
+def test_gpu_mode_smoke_plans_caches_and_reports_every_readout(reproduce, shared_data, tmp_path):
+    """`--mode gpu --smoke`: the GPU mode's code (caches, a measured plan, every readout along
+    training, its own page) on a CPU in seconds."""
+    out, docs = tmp_path / "runs", tmp_path / "docs"
+    assert reproduce.main(["--mode", "gpu", "--smoke", "--data", str(shared_data), "--out", str(out),
+                           "--docs", str(docs), "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["steps"] == 3 and set(plan["measured"]["samples_per_s"]) == {"m3ae", "mae"}
+    assert all(plan["measured"][k] > 0 for k in ("probe_checkpoint_s", "ood_s", "caption_diag_s"))
+    m3ae = json.loads((out / "m3ae_s0" / "result.json").read_text())
+    assert m3ae["config"]["data"]["source"] == "cache" and m3ae["steps"] == 3
+    assert {"cls", "mean", "cls/fewshot", "mean/fewshot"} <= set(m3ae["probes"])
+    assert m3ae["probes"]["cls/fewshot"]["num_train"] <= 2 * m3ae["probes"]["cls"]["num_classes"]
+    for name in ("tin-train", "tin-val", "cifar-test", "cifar-train"):
+        assert (out / "caches" / f"{name}-32px" / "manifest.json").is_file()
+    s = json.loads((docs / "results" / "gpu-smoke.json").read_text())
+    assert set(s["readouts"]) == set(reproduce.READOUTS) and s["plan"]["steps"] == 3
+    assert s["readouts"]["few-shot probe, CLS"]["m3ae"] == [100 * m3ae["probes"]["cls/fewshot"]["top1"]]
+    md = (docs / "results" / "gpu-smoke.md").read_text()
+    assert "## How the step count was chosen" in md and "| few-shot probe, mean |" in md
+    assert (docs / "results" / "gpu-smoke_readouts.png").stat().st_size > 0
+    assert not (docs / "results.md").exists()  # the standard mode's page is not touched

@@ -25,7 +25,7 @@ from .collate import Collator, model_inputs
 from .decode import BadSample, DataError, DataNotFound, SkipCounter
 from .loader import (EpochSampler, IndexedStream, MapDataset, PretrainLoader, StreamDataset,
                      keeps_caption)
-from .sources import open_indexed_source
+from .sources import open_source
 from .synthetic import ShapesDataset
 from .synthetic import vocabulary as synthetic_vocabulary
 from .transforms import EvalTransform, PretrainTransform
@@ -94,11 +94,7 @@ def _open(cfg: DataConfig, min_side: int, train: bool):
         raise DataError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
     if cfg.source == "cache":
         return ImageCache(cfg.urls)
-    if cfg.source == "webdataset":
-        return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
-                           resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars,
-                           fast_jpeg=cfg.image_backend == "tensor")
-    return open_indexed_source(cfg, min_side)
+    return open_source(cfg, min_side, train)
 
 
 def _min_side(cfg: DataConfig, image_size: int, train: bool) -> int:

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 
 from .decode import DataError, DataNotFound, SkipCounter
 from .loader import EpochSampler, keeps_caption, process
+from .sources import ImageFolderSource, open_source
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, WordSwapper, resize_center_crop_uint8
+from .webdataset import ShardSource, class_names_beside, expand_urls
 
 FORMAT = "m3ae-image-cache"
 VERSION = 1
@@ -80,10 +82,7 @@ def source_config(spec: str, kind: str | None = None, **fields):
 
 def _raw_samples(cfg, min_side: int):
     """(read, item) pairs of one source in its stored order."""
-    from . import _open
-    from .webdataset import ShardSource
-
-    src = _open(cfg, min_side, train=False)
+    src = open_source(cfg, min_side, train=False)
     if isinstance(src, ShardSource):
         for raw in src.items(0, 0, 1, 0):
             yield src.decode, raw
@@ -94,14 +93,9 @@ def _raw_samples(cfg, min_side: int):
 
 def _class_names(cfg) -> list[str] | None:
     if cfg.source == "webdataset":
-        from ..evaluation.data import _class_names_beside
-        from .webdataset import expand_urls
-
         shards = expand_urls(cfg.urls)
-        return _class_names_beside(shards) if shards and os.path.exists(shards[0]) else None
+        return class_names_beside(shards) if shards and os.path.exists(shards[0]) else None
     if cfg.source == "imagefolder":
-        from .sources import ImageFolderSource
-
         return ImageFolderSource(cfg.urls).classes or None
     return None
 

@@ -389,6 +389,19 @@ class TextSource(IndexedSource):
 SOURCES = {"hdf5": HDF5Source, "table": TableSource, "imagefolder": ImageFolderSource, "text": TextSource}
 
 
+def open_source(cfg, min_side: int = 0, train: bool = False):
+    """The raw source of one config that reads files (not synthetic, cache or mixture): a
+    :class:`~m3ae.data.webdataset.ShardSource` (shuffled shards and buffer when ``train``) or
+    an indexable :class:`IndexedSource`."""
+    if cfg.source == "webdataset":
+        from .webdataset import ShardSource
+
+        return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
+                           resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars,
+                           fast_jpeg=cfg.image_backend == "tensor")
+    return open_indexed_source(cfg, min_side)
+
+
 def open_indexed_source(cfg, min_side: int = 0) -> IndexedSource:
     """The map-style source ``cfg.source`` names, from ``cfg.urls``."""
     kw = dict(min_side=min_side, max_chars=cfg.max_caption_chars, fast_jpeg=cfg.image_backend == "tensor")

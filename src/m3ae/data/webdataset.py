@@ -24,6 +24,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 import braceexpand
 import webdataset as wds
@@ -201,6 +202,18 @@ class ShardSource:
                 n += 1
                 if limit is not None and n >= limit:
                     return
+
+
+def class_names_beside(shards: list[str]) -> list[str] | None:
+    """Class names from a ``classes.txt`` (one per line) or ``classes.tsv`` (index, id, name)
+    beside the first shard, or None."""
+    folder = Path(shards[0]).parent
+    if (folder / "classes.txt").is_file():
+        return [line.strip() for line in (folder / "classes.txt").read_text().splitlines() if line.strip()]
+    if (folder / "classes.tsv").is_file():
+        rows = [line.split("\t") for line in (folder / "classes.tsv").read_text().splitlines() if line.strip()]
+        return [r[-1].strip() for r in sorted(rows, key=lambda r: int(r[0]))]
+    return None
 
 
 def webdataset_source(urls: str | list[str], *, shuffle_buffer: int = 0, seed: int = 0, resampled: bool = False,

@@ -30,7 +30,7 @@ from ..data import Collator, EvalTransform, PretrainTransform, ShapesDataset, Sk
 from ..data.cache import ImageCache, is_cache
 from ..data.loader import MapDataset, PretrainLoader
 from ..data.sources import ImageFolderSource
-from ..data.webdataset import expand_urls, webdataset_source
+from ..data.webdataset import class_names_beside, expand_urls, webdataset_source
 
 
 @dataclass
@@ -53,16 +53,6 @@ class _Prefix(IterableDataset):
 
     def __len__(self) -> int:  # an upper bound: the shards may hold fewer
         return self.n
-
-
-def _class_names_beside(shards: list[str]) -> list[str] | None:
-    folder = Path(shards[0]).parent
-    if (folder / "classes.txt").is_file():
-        return [line.strip() for line in (folder / "classes.txt").read_text().splitlines() if line.strip()]
-    if (folder / "classes.tsv").is_file():
-        rows = [line.split("\t") for line in (folder / "classes.tsv").read_text().splitlines() if line.strip()]
-        return [r[-1].strip() for r in sorted(rows, key=lambda r: int(r[0]))]
-    return None
 
 
 def _samples_in(shard: str) -> int:
@@ -159,7 +149,7 @@ def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int
         ds = _Prefix(ds, limit)
     elif local:
         ds.approx_len = _samples_in(local[0]) * len(shards)  # for progress bars: shards are alike in size
-    return LabelledData(ds, _class_names_beside(shards), tag + "|" + _file_stamp(local), spec)
+    return LabelledData(ds, class_names_beside(shards), tag + "|" + _file_stamp(local), spec)
 
 
 def make_loader(data: LabelledData, text_encoder=None, batch_size: int = 128, shuffle: bool = False,

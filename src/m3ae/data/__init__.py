@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from functools import partial
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, Source
 from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer, train_wordpiece
 from .collate import Collator, model_inputs
 from .decode import BadSample, DataError, DataNotFound, SkipCounter
@@ -34,7 +35,7 @@ __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "Ev
            "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
            "source_captions"]
 
-SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "mixture")
+SOURCES = typing.get_args(Source)
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -87,8 +88,6 @@ def _entries(cfg: DataConfig) -> list[DataConfig]:
 
 def _open(cfg: DataConfig, min_side: int, train: bool):
     """The raw source of one (non-mixture) config: a map-style dataset or a ShardSource."""
-    if cfg.source not in SOURCES:
-        raise DataError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
     if cfg.source == "webdataset":
         return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
                            resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars,

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import Strategy, check_choice
 from ..data import dist_info
 
 
@@ -144,8 +145,7 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     the graph (see :class:`m3ae.training.step.LossModule`), so an image-only or text-only batch is fine.
     FSDP2 shards each encoder/decoder block, then the rest of the model.
     """
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    check_choice("train.strategy", strategy, Strategy)
     if not info.distributed:
         return module
     if strategy == "ddp":

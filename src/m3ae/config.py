@@ -246,10 +246,12 @@ class Config:
         return cls(model=model, data=data, train=train, preset=preset)
 
     def save(self, path: str | Path) -> None:
+        from .io import atomic_write
+
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(
             self.to_dict(), sort_keys=False)
-        path.write_text(text)
+        atomic_write(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> Config:

@@ -82,7 +82,7 @@ def run(args) -> int:
 
     from ..evaluation.data import data_name
     from ..evaluation.linear_probe import linear_probe
-    from ..pretrained import save_safetensors
+    from ..io import save_safetensors
 
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
     bad = sorted(set(baselines) - set(BASELINES))

@@ -21,9 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
-from ..io import atomic_write
+from ..io import atomic_write, save_safetensors
 from ..model import M3AE
-from ..pretrained import save_safetensors
 from ..training import optim
 from ..training.optim import warmup_cosine
 from .features import pool_tokens

@@ -35,8 +35,9 @@ def register(sub) -> None:
 
 
 def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None):
+    from ..device import resolve_device
     from ..evaluation.data import load_labelled
-    from ..evaluation.features import cached_features, resolve_device
+    from ..evaluation.features import cached_features
     from ..pretrained import read_model_config
 
     model_dir = model_dir or args.model

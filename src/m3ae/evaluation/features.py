@@ -29,7 +29,7 @@ from ..model import M3AE
 from ..io import atomic_write, save_safetensors
 from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
 from ..tokenizer import TextEncoder, load_tokenizer
-from ..training.distributed import resolve_device  # noqa: F401 (re-exported for the CLI)
+from ..device import resolve_device  # noqa: F401 (also imported from here)
 
 MODALITIES = ("image", "text", "both")
 POOLS = ("cls", "mean")

@@ -140,8 +140,9 @@ class DataConfig:
     max_skip_fraction: float = 0.05  # more skipped samples than this stops the run
     reduced_decode: bool = True  # JPEGs much larger than needed decode at 1/2, 1/4 or 1/8 size
     # "tensor": plain JPEGs decode straight to uint8 tensors (torchvision); crop, resize and flip
-    # run on uint8, float comes last (1.8x faster per sample at 256 px). "pil": Pillow resizes,
-    # then float and normalise (the earlier path; ~0.04/255 apart on average). docs/data.md.
+    # run on uint8, float comes last (faster per sample: benchmarks/RESULTS.md, "Data loading
+    # at 256 px"). "pil": Pillow resizes, then float and normalise (the earlier path; the pixels
+    # differ slightly, docs/data.md).
     image_backend: ImageBackend = "tensor"
     prefetch_factor: int = 2  # batches each worker prepares ahead
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
@@ -192,8 +193,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory)
     compile: bool = False  # torch.compile the training step
     # CPU training (glibc): freed memory stays in the process instead of going back to the
-    # OS, so the next step does not page-fault its big buffers back in (~10% of a bench-cpu
-    # step, benchmarks/RESULTS.md). Process-wide; RSS then stays at the step's high-water mark.
+    # OS, so the next step does not page-fault its big buffers back in (benchmarks/RESULTS.md,
+    # "What changed"). Process-wide; RSS then stays at the step's high-water mark.
     keep_freed_memory: bool = True
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row (0 = never)
     log_every: int = 10

@@ -15,8 +15,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, world_size: int = 1) -> 
     kwargs = dict(lr=cfg.lr_for(world_size), betas=tuple(cfg.betas))
     groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_scales)
     params = [p for g in groups for p in g["params"]]
-    # The fused kernel updates all tensors in one pass (measured 2x faster than foreach on
-    # CPU, see benchmarks/RESULTS.md); sharded (DTensor) parameters keep the foreach path.
+    # The fused kernel updates all tensors in one pass (faster than foreach on CPU:
+    # benchmarks/RESULTS.md, "What each switch does"); sharded (DTensor) parameters keep foreach.
     plain = all(type(p) is torch.nn.Parameter for p in params)
     return torch.optim.AdamW(groups, **({"fused": True} if plain else {"foreach": True}), **kwargs)
 

@@ -48,9 +48,12 @@ def test_quarter_mask_fraction_is_a_fraction():
 @pytest.mark.parametrize("override,message", [
     # Enumerated fields (typing.Literal): the allowed values and the closest one.
     ("data.source=webdatset", "data.source must be 'synthetic', 'webdataset', 'hdf5', 'table', 'imagefolder', "
-                              "'text', 'mixture' or 'cache', got 'webdatset'; did you mean 'webdataset'?"),
+                              "'text', 'cache' or 'mixture', got 'webdatset'; did you mean 'webdataset'?"),
     ("data.image_backend=tensr", "data.image_backend must be 'tensor' or 'pil', got 'tensr'; did you mean 'tensor'?"),
     ("data.mixture_mode=sampel", "data.mixture_mode must be 'batch' or 'sample', got 'sampel'; did you mean 'sample'?"),
+    ("data.cache_placement=gpu", "data.cache_placement must be 'auto' or 'cpu', got 'gpu'; did you mean 'cpu'?"),
+    ("data.cache_interpolation=bicubc", "data.cache_interpolation must be 'bilinear' or 'bicubic', got 'bicubc'; "
+                                        "did you mean 'bicubic'?"),
     ("model.gelu_approximate=tahn", "model.gelu_approximate must be 'tanh' or 'none', got 'tahn'; did you mean 'tanh'?"),
     ("train.precision=bf61", "train.precision must be 'fp32', 'bf16' or 'fp16', got 'bf61'; did you mean 'bf16'?"),
     ("train.strategy=deepspeed", "train.strategy must be 'ddp' or 'fsdp', got 'deepspeed'"),

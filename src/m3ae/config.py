@@ -18,8 +18,10 @@ import yaml
 
 # The allowed values of the enumerated fields. A new value is one more word here; the check
 # (check_choice), its error message and the modules that dispatch on the value read it from here.
-Source = Literal["synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "mixture", "cache"]
+Source = Literal["synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "cache", "mixture"]
 ImageBackend = Literal["tensor", "pil"]
+CachePlacement = Literal["auto", "cpu"]
+CacheInterpolation = Literal["bilinear", "bicubic"]
 MixtureMode = Literal["batch", "sample"]
 GeluApproximate = Literal["tanh", "none"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -109,7 +111,7 @@ class DataConfig:
 
     source: Source = "synthetic"  # docs/data.md
     # Where the data is: shard paths/URLs/brace patterns (several joined by '::'), or the
-    # HDF5 file, table file, image folder, or text file/folder.
+    # HDF5 file, table file, image folder, text file/folder, or cache folder (m3ae cache build).
     urls: str = ""
     synthetic_size: int = 20000  # synthetic: number of distinct samples
     synthetic_seed: int = 0
@@ -145,6 +147,11 @@ class DataConfig:
     # differ slightly, docs/data.md).
     image_backend: ImageBackend = "tensor"
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    # source=cache: "auto" keeps the images in GPU memory when they fit (under 40 % of what is
+    # free), else in memory-mapped host memory; "cpu" always the latter.
+    cache_placement: CachePlacement = "auto"
+    # source=cache: the batched crop's resampling, "bilinear" or "bicubic" (benchmarks/RESULTS.md).
+    cache_interpolation: CacheInterpolation = "bilinear"
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
     tokenizer_cased: bool = False  # tokenizer="from-data": keep upper case
     tokenizer_keep_accents: bool = False  # tokenizer="from-data": keep accents (e.g. Vietnamese)
@@ -285,16 +292,16 @@ def _closest(name: str, known) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
 
 
-def check_choice(where: str, value: Any, choices: Any) -> Any:
+def check_choice(where: str, value: Any, choices: Any, error: type[ValueError] = ValueError) -> Any:
     """``value`` if it is one of the values of ``choices`` (a ``Literal`` such as
-    :data:`Source`), else a one-line ValueError that lists them and names the closest one."""
+    :data:`Source`), else a one-line ``error`` that lists them and names the closest one."""
     allowed = get_args(choices)
     if isinstance(value, str) and value in allowed:
         return value
     listed = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}" if len(allowed) > 1 else repr(allowed[0])
     close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"{where} must be {listed}, got {value!r}{hint}")
+    raise error(f"{where} must be {listed}, got {value!r}{hint}")
 
 
 def check_choices(cfg) -> None:

@@ -1,12 +1,23 @@
 """One atomic write and one JSON-lines reader (m3ae.io), and their users."""
 from __future__ import annotations
 
+import argparse
+import builtins
+import io
 import json
 import os
 
+import numpy as np
 import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
 
-from m3ae.io import atomic_write, read_jsonl
+from m3ae.cli.eval_common import write_results, write_settings
+from m3ae.config import build_config
+from m3ae.evaluation import Features
+from m3ae.io import atomic_write, read_jsonl, save_safetensors, write_json_atomic
+from m3ae.training.trainer import _write_run_files
 
 
 def _entries(folder):
@@ -81,3 +92,86 @@ def test_loss_curve_of_a_metrics_file_with_a_torn_last_line(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "loss": 0.')
     png = plot_loss_curve(path, tmp_path / "loss_curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _TornFile:
+    """A file whose first write stops half-way with a full disk."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        self._f.flush()
+        raise OSError(28, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+@pytest.fixture
+def torn_writes(monkeypatch, tmp_path):
+    """From here on, every file written under tmp_path is cut off half-way by an OSError:
+    files opened from Python (open, Path.write_text, np.save) and safetensors' own writer."""
+    real_open = builtins.open
+
+    def torn_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        written = any(c in mode for c in "wax+") and str(file).startswith(str(tmp_path))
+        return _TornFile(f) if written else f
+
+    monkeypatch.setattr(builtins, "open", torn_open)
+    monkeypatch.setattr(io, "open", torn_open)  # pathlib opens through io.open
+    for module in (safetensors.torch, safetensors.numpy):
+        def torn_save(tensors, filename, metadata=None, _real=module.save_file):
+            _real(tensors, filename, metadata=metadata)
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(module, "save_file", torn_save)
+
+
+def _config(version):
+    return build_config("tiny", None, [f"train.steps={version}"])
+
+
+def _features(version):
+    return Features(np.full((3, 2), version, np.float32), np.arange(3) + version, ["a", "b", "c"])
+
+
+# Each writer of a result or run file: (folder, version) -> writes version's content in folder.
+WRITERS = {
+    "Config.save yaml": lambda d, v: _config(v).save(d / "config.yaml"),
+    "Config.save json": lambda d, v: _config(v).save(d / "config.json"),
+    "trainer run files": lambda d, v: _write_run_files(_config(v), d, v),  # config.yaml, version.json
+    "eval write_settings": lambda d, v: write_settings(d / "settings.json", argparse.Namespace(seed=v)),
+    "eval write_results": lambda d, v: write_results(d, "results.json", {"accuracy": v}, argparse.Namespace(seed=v)),
+    "Features.save npy": lambda d, v: _features(v).save(d / "f.npy"),
+    "Features.save safetensors": lambda d, v: _features(v).save(d / "f.safetensors"),
+    "write_json_atomic": lambda d, v: write_json_atomic(d / "a.json", {"v": v}),
+    "save_safetensors torch": lambda d, v: save_safetensors({"w": torch.full((4,), float(v))}, d / "w.safetensors"),
+}
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["over-an-old-version", "first-write"])
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_write_cut_off_half_way_leaves_the_old_file_or_none(tmp_path, request, writer, existing):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if existing:
+        WRITERS[writer](folder, 1)
+    before = _snapshot(folder)
+    assert before or not existing
+    request.getfixturevalue("torn_writes")
+    with pytest.raises(OSError, match="No space left"):
+        WRITERS[writer](folder, 2)
+    assert _snapshot(folder) == before  # the old bytes, no partial file, no temporary left

@@ -61,3 +61,12 @@ def test_no_private_imports_across_modules():
                if module.startswith("m3ae") and name.startswith("_") and not name.startswith("__")
                and module != mod]
     assert not private
+
+
+def test_evaluation_does_not_reach_into_training():
+    # Evaluation shares the optimiser pieces (m3ae.optim) and device names (m3ae.device) with
+    # training; it imports neither the trainer nor anything under m3ae.training.
+    reach = sorted({f"{mod} imports {module}" for mod, found in _imports().items() for module, _ in found
+                    if mod.startswith("m3ae.evaluation") and
+                    (module == "m3ae.training" or module.startswith("m3ae.training."))})
+    assert not reach, reach

@@ -6,13 +6,27 @@ run folder.
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import functools
 import json
-from dataclasses import asdict, dataclass, field, fields
+import types
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+# The allowed values of the enumerated fields. A new value is one more word here; the check
+# (check_choice), its error message and the modules that dispatch on the value read it from here.
+Source = Literal["synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "cache", "mixture"]
+ImageBackend = Literal["tensor", "pil"]
+CachePlacement = Literal["auto", "cpu"]
+CacheInterpolation = Literal["bilinear", "bicubic"]
+MixtureMode = Literal["batch", "sample"]
+GeluApproximate = Literal["tanh", "none"]
+Precision = Literal["fp32", "bf16", "fp16"]
+Strategy = Literal["ddp", "fsdp"]
+TextLossNorm = Literal["batch", "text"]
 
 
 @dataclass
@@ -36,13 +50,14 @@ class ModelConfig:
     text_mask_ratio: float = 0.75
     # The official JAX code uses LayerNorm eps 1e-6 and the tanh-approximated GELU.
     ln_eps: float = 1e-6
-    gelu_approximate: str = "tanh"  # "tanh" or "none"
+    gelu_approximate: GeluApproximate = "tanh"
     # Std of the caption embedding table at init. The official code uses N(0, 1) (Flax's
     # nn.Embed default), which makes a token's identity as strong as its sin-cos position;
     # MAE-style N(0, 0.02) leaves it ~50x weaker than the position at the start of training.
     text_embed_init_std: float = 1.0
 
     def __post_init__(self) -> None:
+        check_choices(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for width, heads, name in ((self.emb_dim, self.num_heads, "emb_dim"),
@@ -51,8 +66,6 @@ class ModelConfig:
                 raise ValueError(f"{name}={width} is not divisible by its number of heads {heads}")
             if width % 4:
                 raise ValueError(f"{name}={width} must be divisible by 4 for the 2-D sin-cos table")
-        if self.gelu_approximate not in ("tanh", "none"):
-            raise ValueError("gelu_approximate must be 'tanh' or 'none'")
         if not self.text_embed_init_std > 0:
             raise ValueError(f"text_embed_init_std must be positive, got {self.text_embed_init_std}")
 
@@ -96,8 +109,7 @@ def model_config(preset: str = "base", **overrides: Any) -> ModelConfig:
 class DataConfig:
     """Where samples come from and how they become tensors."""
 
-    # "synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "cache" or "mixture" (docs/data.md)
-    source: str = "synthetic"
+    source: Source = "synthetic"  # docs/data.md
     # Where the data is: shard paths/URLs/brace patterns (several joined by '::'), or the
     # HDF5 file, table file, image folder, text file/folder, or cache folder (m3ae cache build).
     urls: str = ""
@@ -123,25 +135,29 @@ class DataConfig:
     # Mixture: a list of entries, each a mapping of DataConfig fields (source, urls,
     # paired_fraction, ...) plus "weight"; unset fields come from this config.
     mixture: list = field(default_factory=list)
-    mixture_mode: str = "batch"  # "batch": each batch from one entry; "sample": mixed within a batch
+    mixture_mode: MixtureMode = "batch"  # "batch": each batch from one entry; "sample": mixed within a batch
     weight: float = 1.0  # a mixture entry's share
     resample: bool = False  # webdataset: draw shards with replacement (fewer shards than readers)
     max_caption_chars: int = 1000  # longer captions are truncated (counted)
     max_skip_fraction: float = 0.05  # more skipped samples than this stops the run
     reduced_decode: bool = True  # JPEGs much larger than needed decode at 1/2, 1/4 or 1/8 size
     # "tensor": plain JPEGs decode straight to uint8 tensors (torchvision); crop, resize and flip
-    # run on uint8, float comes last (1.8x faster per sample at 256 px). "pil": Pillow resizes,
-    # then float and normalise (the earlier path; ~0.04/255 apart on average). docs/data.md.
-    image_backend: str = "tensor"
+    # run on uint8, float comes last (faster per sample: benchmarks/RESULTS.md, "Data loading
+    # at 256 px"). "pil": Pillow resizes, then float and normalise (the earlier path; the pixels
+    # differ slightly, docs/data.md).
+    image_backend: ImageBackend = "tensor"
     prefetch_factor: int = 2  # batches each worker prepares ahead
     # source=cache: "auto" keeps the images in GPU memory when they fit (under 40 % of what is
     # free), else in memory-mapped host memory; "cpu" always the latter.
-    cache_placement: str = "auto"
+    cache_placement: CachePlacement = "auto"
     # source=cache: the batched crop's resampling, "bilinear" or "bicubic" (benchmarks/RESULTS.md).
-    cache_interpolation: str = "bilinear"
+    cache_interpolation: CacheInterpolation = "bilinear"
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
     tokenizer_cased: bool = False  # tokenizer="from-data": keep upper case
     tokenizer_keep_accents: bool = False  # tokenizer="from-data": keep accents (e.g. Vietnamese)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclass
@@ -168,7 +184,7 @@ class TrainConfig:
     # per-sample means by the number of samples in the batch, so samples without a caption
     # add 0 (the official code); "text" divides by the samples that carry a text loss, which
     # makes the text term stronger the fewer captions a batch has.
-    text_loss_norm: str = "batch"
+    text_loss_norm: TextLossNorm = "batch"
     # True: AdamW also decays LayerNorm scales, as the official code (and so the paper's
     # numbers) did. False (default): MAE/timm's rule, no decay on any 1-D parameter.
     decay_norm_scales: bool = False
@@ -177,15 +193,15 @@ class TrainConfig:
     # (tokens x vocabulary) logits are never stored (m3ae.ops.linear_cross_entropy). false:
     # the head, then a log-softmax, on the same rows: the same losses and gradients, slower.
     fused_text_loss: bool = True
-    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU) or "fp16" (GPU, gradient scaler)
+    precision: Precision = "fp32"  # "fp32", "bf16" (autocast, CPU or GPU) or "fp16" (GPU, gradient scaler)
     device: str = "auto"
     seed: int = 0
-    strategy: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard, large models)
+    strategy: Strategy = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard, large models)
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory)
     compile: bool = False  # torch.compile the training step
     # CPU training (glibc): freed memory stays in the process instead of going back to the
-    # OS, so the next step does not page-fault its big buffers back in (~10% of a bench-cpu
-    # step, benchmarks/RESULTS.md). Process-wide; RSS then stays at the step's high-water mark.
+    # OS, so the next step does not page-fault its big buffers back in (benchmarks/RESULTS.md,
+    # "What changed"). Process-wide; RSS then stays at the step's high-water mark.
     keep_freed_memory: bool = True
     max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row (0 = never)
     log_every: int = 10
@@ -198,12 +214,7 @@ class TrainConfig:
     wandb_project: str = "m3ae"
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"train.precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {self.strategy!r}")
-        if self.text_loss_norm not in ("batch", "text"):
-            raise ValueError(f"train.text_loss_norm must be 'batch' or 'text', got {self.text_loss_norm!r}")
+        check_choices(self)
         if not 0.0 <= self.quarter_mask_fraction <= 1.0:
             raise ValueError(f"train.quarter_mask_fraction must be in [0, 1], got {self.quarter_mask_fraction}")
         if self.accum_steps < 1 or self.batch_size < 1:
@@ -219,11 +230,6 @@ class TrainConfig:
     def lr_for(self, world_size: int = 1) -> float:
         """Peak LR: ``lr`` if set, else ``base_lr`` x global batch / 256 (MAE's linear rule)."""
         return self.lr if self.lr is not None else self.base_lr * self.global_batch(world_size) / 256
-
-    @property
-    def effective_lr(self) -> float:
-        """The peak LR of a single-process run (see :meth:`lr_for`)."""
-        return self.lr_for(1)
 
 
 @dataclass
@@ -248,10 +254,12 @@ class Config:
         return cls(model=model, data=data, train=train, preset=preset)
 
     def save(self, path: str | Path) -> None:
+        from .io import atomic_write
+
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(
             self.to_dict(), sort_keys=False)
-        path.write_text(text)
+        atomic_write(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
@@ -269,67 +277,95 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return d
 
 
-def _field_types(cls) -> dict[str, Any]:
-    return {f.name: f for f in fields(cls)}
-
-
 _SECTION_OF = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train"}
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    """Field name -> its annotation as a type (the annotations are strings in this module)."""
+    return get_type_hints(cls)
 
 
 def _closest(name: str, known) -> str:
     """'; did you mean X?' for a likely typo, else the list of known names."""
-    import difflib
-
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else f"; known: {sorted(known)}"
 
 
-def _check_type(where: str, value: Any, type_name: str) -> Any:
-    """``value`` as the field's declared type, or a one-line ValueError naming the field."""
+def check_choice(where: str, value: Any, choices: Any, error: type[ValueError] = ValueError) -> Any:
+    """``value`` if it is one of the values of ``choices`` (a ``Literal`` such as
+    :data:`Source`), else a one-line ``error`` that lists them and names the closest one."""
+    allowed = get_args(choices)
+    if isinstance(value, str) and value in allowed:
+        return value
+    listed = ", ".join(map(repr, allowed[:-1])) + f" or {allowed[-1]!r}" if len(allowed) > 1 else repr(allowed[0])
+    close = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise error(f"{where} must be {listed}, got {value!r}{hint}")
+
+
+def check_choices(cfg) -> None:
+    """Check every ``Literal`` field of a section config (its ``__post_init__``): also configs
+    built in Python, from mixture entries or from a pretrained ``config.json``, which do not
+    pass through :func:`_check_value`."""
+    section = _SECTION_OF[type(cfg).__name__]
+    for name, hint in _hints(type(cfg)).items():
+        if get_origin(hint) is Literal:
+            check_choice(f"{section}.{name}", getattr(cfg, name), hint)
+
+
+def _check_value(where: str, value: Any, hint: Any) -> Any:
+    """``value`` as the declared type ``hint``, or a one-line ValueError naming the field.
+    Looser spellings from YAML and overrides are converted: 1e5 for an int, [0.2, 1] for a
+    tuple of floats, nothing (``data.tokenizer=``) for a str."""
     def bad(what: str):
         return ValueError(f"{where} must be {what}, got {value!r}")
 
-    optional = type_name.endswith("| None")
-    base = type_name.removesuffix("| None").strip()
+    if get_origin(hint) in (Union, types.UnionType):  # only `X | None` is declared
+        (hint,) = [a for a in get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+    if get_origin(hint) is Literal:
+        return check_choice(where, value, hint)
     if value is None:
-        if optional or base == "str":  # `data.tokenizer=` (nothing) means the empty string
-            return None if optional else ""
-        raise bad(f"a value of type {base}")
-    if base == "bool":
+        if hint is str:
+            return ""
+        raise bad(f"a value of type {getattr(hint, '__name__', hint)}")
+    if hint is bool:
         if not isinstance(value, bool):
             raise bad("true or false")
         return value
-    if base == "int":
+    if hint is int:
         if isinstance(value, float) and value.is_integer():
             return int(value)  # e.g. steps: 1e5 in a YAML file
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("a whole number")
         return value
-    if base == "float":
+    if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)
-    if base == "str":
+    if hint is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise bad("a string")
         return str(value)
-    if base.startswith("tuple["):
-        n = base.count(",") + 1
+    if get_origin(hint) is tuple:
+        n = len(get_args(hint))
         if not isinstance(value, (list, tuple)) or len(value) != n or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise bad(f"a list of {n} numbers such as [0.2,1.0]")
         return tuple(float(v) for v in value)
-    if base == "list" and not isinstance(value, list):
+    if hint is list and not isinstance(value, list):
         raise bad("a list")
     return value
 
 
 def _coerce_section(cls, values: dict[str, Any]) -> dict[str, Any]:
-    known = _field_types(cls)
-    section = _SECTION_OF.get(cls.__name__, cls.__name__)
+    known = _hints(cls)
+    section = _SECTION_OF[cls.__name__]
     for k in sorted(set(values) - set(known)):
         raise ValueError(f"unknown {cls.__name__} field {section}.{k}{_closest(k, known)}")
-    return {k: _check_type(f"{section}.{k}", v, str(known[k].type)) for k, v in values.items()}
+    return {k: _check_value(f"{section}.{k}", v, known[k]) for k, v in values.items()}
 
 
 def _parse_value(text: str) -> Any:

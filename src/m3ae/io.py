@@ -1,4 +1,5 @@
-"""Files that are whole or absent: one atomic write, and one reader of JSON-lines logs."""
+"""Files that are whole or absent: one atomic write (and the JSON and safetensors writers built
+on it), and one reader of JSON-lines logs."""
 from __future__ import annotations
 
 import json
@@ -73,6 +74,23 @@ def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[Path]
         raise
     _fsync(path.parent)  # the rename itself
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    """``obj`` as indented JSON at ``path``, atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, json.dumps(obj, indent=2))
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write torch or numpy tensors to a .safetensors file atomically (see :func:`atomic_write`),
+    with the permissions of an ordinary new file: safetensors itself creates 0600."""
+    import torch  # here, not at the top: the rest of this module needs neither torch nor safetensors
+
+    if any(isinstance(v, torch.Tensor) for v in tensors.values()):
+        from safetensors.torch import save_file as save
+    else:
+        from safetensors.numpy import save_file as save
+    return atomic_write(path, lambda tmp: save(tensors, str(tmp), metadata=metadata))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import TextLossNorm, check_choice
 from .model import M3AEOutput
 from .ops import linear_cross_entropy, num_kept
 
@@ -127,8 +128,7 @@ class M3AELoss(nn.Module):
     def __init__(self, image_weight: float = 1.0, text_weight: float = 0.5, norm_pix_loss: bool = False,
                  text_norm: str = "batch", fused_text_loss: bool = True):
         super().__init__()
-        if text_norm not in ("batch", "text"):
-            raise ValueError(f"text_norm must be 'batch' or 'text', got {text_norm!r}")
+        check_choice("text_norm", text_norm, TextLossNorm)
         self.image_weight = image_weight
         self.text_weight = text_weight
         self.norm_pix_loss = norm_pix_loss

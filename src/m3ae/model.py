@@ -39,9 +39,10 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # A fixed rule: PyTorch's CPU attention kernels are 4-5x slower in bf16 than in
-            # float32 (the backward especially; benchmarks/RESULTS.md), and attention is a
-            # small share of the FLOPs, so under CPU autocast it runs in float32.
+            # A fixed rule: PyTorch's CPU attention kernels are much slower in bf16 than in
+            # float32, the backward especially (benchmarks/RESULTS.md, "CPU, bench-cpu, batch
+            # 32, two threads"), and attention is a small share of the FLOPs, so under CPU
+            # autocast it runs in float32.
             with torch.autocast("cpu", enabled=False):
                 out, weights = attention(q.float(), k.float(), v.float(), attn_mask, return_attention)
         else:
@@ -51,8 +52,9 @@ class Attention(nn.Module):
 
 
 # On CPU, PyTorch's fused attention kernel costs more than plain matmul + softmax for short
-# sequences (fwd+bwd, 2 threads: 1.1-1.5x slower at 23-128 tokens, 2x faster at 321;
-# benchmarks/RESULTS.md). Under torch.compile the fused op is left to the compiler.
+# sequences and less for long ones (fwd+bwd; the measured crossover is in benchmarks/RESULTS.md,
+# "explicit attention for short CPU sequences"). Under torch.compile the fused op is left to
+# the compiler.
 EXPLICIT_CPU_ATTENTION_MAX_LEN = 128
 
 

@@ -19,29 +19,15 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ._version import __version__
 from .config import ModelConfig
-from .io import atomic_write
+from .io import save_safetensors, write_json_atomic  # noqa: F401 (also imported from here by users)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
-
-
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write torch or numpy tensors to a .safetensors file atomically (see :func:`atomic_write`),
-    with the permissions of an ordinary new file: safetensors itself creates 0600."""
-    if any(isinstance(v, torch.Tensor) for v in tensors.values()):
-        save = save_file
-    else:
-        from safetensors.numpy import save_file as save
-    return atomic_write(path, lambda tmp: save(tensors, str(tmp), metadata=metadata))
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:

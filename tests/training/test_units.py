@@ -140,7 +140,7 @@ def test_lr_scales_with_the_global_batch():
 
     cfg = TrainConfig(batch_size=32, accum_steps=2, base_lr=1.6e-4)
     assert cfg.global_batch(4) == 256
-    assert cfg.lr_for(4) == pytest.approx(1.6e-4) and cfg.effective_lr == pytest.approx(0.4e-4)
+    assert cfg.lr_for(4) == pytest.approx(1.6e-4) and cfg.lr_for(1) == pytest.approx(0.4e-4)
     assert TrainConfig(lr=1e-3).lr_for(8) == 1e-3
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp8")

@@ -20,8 +20,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from ..device import resolve_device
     from ..evaluation.data import load_labelled, make_loader
-    from ..evaluation.features import extract_features, load_model, resolve_device
+    from ..evaluation.features import extract_features, load_model
 
     if Path(args.output).suffix not in (".npy", ".safetensors"):
         raise ValueError(f"--output must end in .npy or .safetensors, got {args.output}")

@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..io import atomic_write, write_json_atomic
 from .common import add_debug_arg
 
 DATA_HELP = ("labelled data: 'shapes[:N[:SEED]]' (built-in), an image folder root/CLASS/x.jpg, or "
@@ -50,11 +51,8 @@ def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
 def write_settings(path: str | Path, args: argparse.Namespace) -> Path:
     """The command's resolved settings (every argument, defaults included) as JSON at ``path``,
     so that a result can be re-made as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if not callable(v)}
-    path.write_text(json.dumps(settings, indent=2, default=str))
-    return path
+    return atomic_write(path, json.dumps(settings, indent=2, default=str))
 
 
 def write_results(out: str | Path | None, name: str, results: dict, args: argparse.Namespace | None = None):
@@ -62,9 +60,7 @@ def write_results(out: str | Path | None, name: str, results: dict, args: argpar
     as ``settings.json``."""
     if not out:
         return None
-    path = Path(out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    path = write_json_atomic(Path(out) / name, results)
     if args is not None:
         write_settings(path.parent / "settings.json", args)
     return path

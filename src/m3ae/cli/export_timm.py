@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..interop.timm import to_timm
     from ..model import M3AE
-    from ..pretrained import save_safetensors
+    from ..io import save_safetensors
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

@@ -35,8 +35,9 @@ def register(sub) -> None:
 
 
 def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None):
+    from ..device import resolve_device
     from ..evaluation.data import load_labelled
-    from ..evaluation.features import cached_features, resolve_device
+    from ..evaluation.features import cached_features
     from ..pretrained import read_model_config
 
     model_dir = model_dir or args.model
@@ -82,7 +83,7 @@ def run(args) -> int:
 
     from ..evaluation.data import data_name
     from ..evaluation.linear_probe import linear_probe
-    from ..pretrained import save_safetensors
+    from ..io import save_safetensors
 
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
     bad = sorted(set(baselines) - set(BASELINES))

@@ -40,8 +40,8 @@ def run(args) -> int:
     ood = features_for(args, args.ood, args.limit_test, "ood features")
     id_logits = ood_logits = None
     if args.classifier:
+        from ..device import resolve_device
         from ..evaluation.data import load_labelled, make_loader
-        from ..evaluation.features import resolve_device
         from ..evaluation.finetune import Classifier
 
         clf = Classifier.load(args.classifier).to(resolve_device(args.device))

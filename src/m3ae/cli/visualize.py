@@ -36,9 +36,10 @@ def run(args) -> int:
 
     import torch
 
+    from ..device import resolve_device
     from ..evaluation.attention import save_attention_figure
     from ..evaluation.data import data_name, load_labelled, make_loader
-    from ..evaluation.features import extract_features, load_model, resolve_device
+    from ..evaluation.features import extract_features, load_model
     from ..evaluation.tsne import save_tsne
     from ..visualize import save_reconstruction_grid
 

@@ -24,8 +24,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..device import resolve_device
     from ..evaluation.data import load_labelled, make_loader
-    from ..evaluation.features import load_model, resolve_device
+    from ..evaluation.features import load_model
     import sys
     from pathlib import Path
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from functools import partial
 
 import torch
 
-from ..config import DataConfig
+from ..config import DataConfig, Source
 from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer, train_wordpiece
 from .cache import CacheLoader, ImageCache
 from .collate import Collator, model_inputs
@@ -36,7 +37,7 @@ __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "Ev
            "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
            "source_captions", "ImageCache", "CacheLoader"]
 
-SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "cache", "mixture")
+SOURCES = typing.get_args(Source)
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -90,8 +91,6 @@ def _entries(cfg: DataConfig) -> list[DataConfig]:
 def _open(cfg: DataConfig, min_side: int, train: bool):
     """The raw source of one (non-mixture) config: a map-style dataset, a ShardSource or an
     ImageCache."""
-    if cfg.source not in SOURCES:
-        raise DataError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
     if cfg.source == "cache":
         return ImageCache(cfg.urls)
     return open_source(cfg, min_side, train)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import CacheInterpolation, CachePlacement, check_choice
 from .decode import DataError, DataNotFound, SkipCounter
 from .loader import EpochSampler, keeps_caption, process
 from .sources import ImageFolderSource, open_source
@@ -329,10 +330,8 @@ class CacheLoader:
         self.skips = SkipCounter(f"cache {str(cache.path)!r}", max_skip_fraction)
         self._read = 0
         images = torch.from_numpy(cache.images)
-        if placement not in ("auto", "cpu"):
-            raise DataError(f"data.cache_placement must be 'auto' or 'cpu', not {placement!r}")
-        if interpolation not in ("bilinear", "bicubic"):
-            raise DataError(f"data.cache_interpolation must be 'bilinear' or 'bicubic', not {interpolation!r}")
+        check_choice("data.cache_placement", placement, CachePlacement, DataError)
+        check_choice("data.cache_interpolation", interpolation, CacheInterpolation, DataError)
         self.on_device = placement == "auto" and _fits_on(self.device, images.numel())
         self.images = images.to(self.device) if self.on_device else images
         self.labels = torch.from_numpy(cache.labels)

@@ -39,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from ..config import MixtureMode, check_choice
 from .decode import BadSample, DataError, SkipCounter
 
 
@@ -169,8 +170,7 @@ class StreamDataset(IterableDataset):
 
     def __init__(self, components: list, *, seed: int = 0, rank: int = 0, world_size: int = 1,
                  mode: str = "batch", batch_size: int = 1, drop_skipped: SkipCounter | None = None):
-        if mode not in ("batch", "sample"):
-            raise ValueError(f"data.mixture_mode must be 'batch' or 'sample', not {mode!r}")
+        check_choice("data.mixture_mode", mode, MixtureMode)
         self.components, self.seed, self.rank, self.world_size = components, seed, rank, world_size
         self.mode, self.batch_size = mode, batch_size
         # Outside PretrainLoader (e.g. evaluation's own DataLoader): count skips here, drop markers.

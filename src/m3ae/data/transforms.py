@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 from torchvision.transforms.v2 import functional as F2
 
+from ..config import ImageBackend, check_choice
 from .decode import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,15 +68,6 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return (x * std + mean).clamp(0, 1)
-
-
-BACKENDS = ("tensor", "pil")
-
-
-def check_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"data.image_backend must be 'tensor' or 'pil', not {backend!r}")
-    return backend
 
 
 def uint8_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -130,7 +122,7 @@ class PretrainTransform:
         self.hflip = hflip
         self.swap_captions = swap_captions
         self.swap_words = WordSwapper(word_pairs)
-        self.backend = check_backend(backend)
+        self.backend = check_choice("data.image_backend", backend, ImageBackend)
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)
@@ -172,7 +164,7 @@ class EvalTransform:
 
     def __init__(self, image_size: int, backend: str = "tensor"):
         self.image_size = image_size
-        self.backend = check_backend(backend)
+        self.backend = check_choice("data.image_backend", backend, ImageBackend)
 
     def __call__(self, sample: dict) -> dict:
         sample = dict(sample)

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import braceexpand
-import webdataset as wds
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -109,6 +108,30 @@ def decode_shard_sample(raw: dict, min_side: int = 0, max_chars: int = 1000, fas
     return dict(key=key, image=image, caption=caption, label=label, _events=events)
 
 
+def buffer_shuffle(items: Iterator, size: int, initial: int, rng: random.Random) -> Iterator:
+    """``items`` shuffled through a buffer of ``size``: once it holds ``initial`` items, each step
+    takes in the next item (two while the buffer fills) and gives out a random buffered one; the
+    rest come out in random order at the end. The order is a function of the items and ``rng``
+    alone, so a resumed run can replay it. It makes the same draws as webdataset 1.0's shuffle,
+    which earlier versions called, so a seed gives the order it gave then."""
+    items, buf = iter(items), []
+    initial = min(initial, size)
+
+    def pick():
+        k = rng.randint(0, len(buf) - 1)
+        buf[k], buf[-1] = buf[-1], buf[k]
+        return buf.pop()
+
+    for item in items:
+        buf.append(item)
+        if len(buf) < size:  # fill two per step until the buffer is full
+            buf.extend(itertools.islice(items, 1))
+        if len(buf) >= initial:
+            yield pick()
+    while buf:
+        yield pick()
+
+
 def _shard_marker(url: str, error: Exception) -> dict:
     """The one item that stands for a damaged shard (webdataset may report a cut tar more
     than once; it is one damaged shard all the same)."""
@@ -176,7 +199,7 @@ class ShardSource:
         raw = self._raw(self._shard_order(epoch, slot, nslots, seed))
         if self.shuffle_buffer > 1:
             rng = random.Random(f"{seed}/{epoch}/{slot}/buffer")
-            raw = wds.filters._shuffle(iter(raw), self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)
+            raw = buffer_shuffle(raw, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
         return raw
 
     def decode(self, raw: dict) -> dict:

@@ -26,9 +26,10 @@ from tqdm.auto import tqdm
 
 from ..data import model_inputs
 from ..model import M3AE
-from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME, save_safetensors
+from ..io import atomic_write, save_safetensors
+from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
 from ..tokenizer import TextEncoder, load_tokenizer
-from ..training.distributed import resolve_device  # noqa: F401 (re-exported for the CLI)
+from ..device import resolve_device  # noqa: F401 (also imported from here)
 
 MODALITIES = ("image", "text", "both")
 POOLS = ("cls", "mean")
@@ -49,7 +50,6 @@ class Features:
         """``.safetensors`` (tensors ``features``, ``labels``; keys and class names in the
         metadata) or ``.npy`` (features; ``<stem>.labels.npy`` and ``<stem>.keys.json`` beside)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"keys": self.keys, "class_names": self.class_names}
         if path.suffix == ".safetensors":
             arrays = {"features": self.features, "labels": self.labels}
@@ -57,9 +57,9 @@ class Features:
                 arrays["pixels"] = self.pixels
             save_safetensors(arrays, path, metadata={"m3ae": json.dumps(meta)})
         elif path.suffix == ".npy":
-            np.save(path, self.features)
-            np.save(path.with_name(path.stem + ".labels.npy"), self.labels)
-            path.with_name(path.stem + ".keys.json").write_text(json.dumps(meta))
+            atomic_write(path.with_name(path.stem + ".labels.npy"), _npy_writer(self.labels))
+            atomic_write(path.with_name(path.stem + ".keys.json"), json.dumps(meta))
+            atomic_write(path, _npy_writer(self.features))
         else:
             raise ValueError(f"feature file {path} must end in .npy or .safetensors")
         return path
@@ -79,6 +79,15 @@ class Features:
         meta = json.loads(path.with_name(path.stem + ".keys.json").read_text())
         return cls(np.load(path), np.load(path.with_name(path.stem + ".labels.npy")), meta["keys"],
                    meta.get("class_names"))
+
+
+def _npy_writer(array: np.ndarray):
+    """An :func:`atomic_write` content function that saves ``array`` as .npy (``np.save`` given
+    a path would add ``.npy`` to the temporary name)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    return write
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",

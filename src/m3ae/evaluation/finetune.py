@@ -21,11 +21,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
-from ..io import atomic_write
+from ..io import atomic_write, save_safetensors
 from ..model import M3AE
-from ..pretrained import save_safetensors
-from ..training import optim
-from ..training.optim import warmup_cosine
+from .. import optim
+from ..optim import warmup_cosine
 from .features import pool_tokens
 
 
@@ -100,7 +99,7 @@ class Classifier(nn.Module):
 def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: float,
                  last_blocks: int | None) -> list[dict]:
     """Trainable parameters grouped by (LR scale, weight decay), with pre-training's decay rule
-    (:func:`m3ae.training.optim.param_groups`). ``last_blocks=k`` trains only the last k blocks,
+    (:func:`m3ae.optim.param_groups`). ``last_blocks=k`` trains only the last k blocks,
     the final norm and the head; ``None`` trains the whole encoder."""
     depth = clf.model.config.depth
     for name, p in clf.named_parameters():

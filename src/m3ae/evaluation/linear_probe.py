@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..training.optim import warmup_cosine
+from ..optim import warmup_cosine
 from .features import Features
 
 

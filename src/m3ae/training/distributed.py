@@ -15,7 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import Strategy, check_choice
 from ..data import dist_info
+from ..device import check_device, resolve_device  # noqa: F401 (resolve_device: also imported from here)
 
 
 @dataclass(frozen=True)
@@ -44,31 +46,6 @@ def env_rank_info(env: dict | None = None) -> tuple[int, int, int]:
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
     return 0, 0, 1
-
-
-def check_device(name: str) -> str:
-    """``name`` if this machine has that device (cpu, auto, cuda, cuda:N, mps), else a
-    one-line ValueError saying what there is."""
-    try:
-        dev = torch.device("cuda" if name == "auto" else name)
-    except RuntimeError:
-        raise ValueError(f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if name != "auto" and dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: this machine has no usable CUDA GPU (torch "
-                             f"{torch.__version__}, torch.cuda.is_available() is False); use cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} GPU(s)")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r}: MPS is not available here; use cpu or auto")
-    return name
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda when available, else cpu; any other name is checked to exist."""
-    if check_device(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def init_distributed(device_name: str = "auto", timeout_s: int = 1800) -> DistInfo:
@@ -144,8 +121,7 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     the graph (see :class:`m3ae.training.step.LossModule`), so an image-only or text-only batch is fine.
     FSDP2 shards each encoder/decoder block, then the rest of the model.
     """
-    if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"train.strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    check_choice("train.strategy", strategy, Strategy)
     if not info.distributed:
         return module
     if strategy == "ddp":

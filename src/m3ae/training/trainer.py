@@ -11,7 +11,6 @@ steps). Only rank 0 writes files.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -355,13 +354,14 @@ def _check_sizes(cfg: Config, text_encoder, info: DistInfo) -> None:
 
 def _write_run_files(cfg: Config, run_dir: Path, world: int) -> None:
     from .._version import __version__
+    from ..io import write_json_atomic
 
     tcfg = cfg.train
     cfg.save(run_dir / "config.yaml")
-    (run_dir / "version.json").write_text(json.dumps({
+    write_json_atomic(run_dir / "version.json", {
         "m3ae": __version__, "torch": torch.__version__, "git": _git_commit(), "world_size": world,
         "global_batch": tcfg.global_batch(world), "peak_lr": tcfg.lr_for(world),
-        "strategy": tcfg.strategy if world > 1 else "single"}, indent=2))
+        "strategy": tcfg.strategy if world > 1 else "single"})
 
 
 def _load_weights(model: M3AE, ckpt: Path) -> dict:

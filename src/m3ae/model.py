@@ -165,6 +165,15 @@ class EncoderOutput(NamedTuple):
 
 # -------------------------------------------------------------------------- model
 class M3AE(nn.Module):
+    """Multimodal masked autoencoder: one encoder over image patches and caption tokens, a
+    light decoder predicting the hidden patches and words.
+
+    ``forward`` is the masked pre-training pass (an :class:`M3AEOutput`); ``encode_image`` /
+    ``encode_text`` / ``encode`` give pooled features (B, emb_dim); ``forward_features`` the
+    encoder's tokens. Build one with :func:`create_model` or load one with
+    :func:`m3ae.load_pretrained` / :meth:`from_pretrained`.
+    """
+
     def __init__(self, config: ModelConfig | None = None, **overrides):
         super().__init__()
         cfg = config if config is not None else model_config("base")

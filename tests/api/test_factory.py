@@ -130,3 +130,18 @@ def test_encode_rejects_raw_pixels_and_bad_pools(api_model_dir):
         model.encode_image(torch.zeros(1, 3, 48, 48))
     with pytest.raises(ValueError, match="pool must be one of"):
         model.encode_image(torch.zeros(1, 3, 32, 32), pool="max")
+
+
+def test_public_names_are_documented():
+    from pathlib import Path
+
+    from m3ae import tasks
+
+    api = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    for mod in (m3ae, tasks):
+        for name in mod.__all__:
+            obj = getattr(mod, name)  # __all__ lists only names that exist
+            if name.startswith("__") or not callable(obj):
+                continue
+            assert (obj.__doc__ or "").strip(), f"{mod.__name__}.{name} has no docstring"
+            assert f"`{name}" in api, f"docs/api.md does not list {name}"

@@ -73,18 +73,26 @@ def main() -> None:
         print(f"wrote {args.picture}")
 
     # Over many held-out images: the colour word from the image, the shape by zero-shot.
-    hits = {"image": 0, "alone": 0, "shape": 0}
+    hits = {"image": 0, "alone": 0, "shape": 0, "two_hidden": 0}
     errors = []
+    g = torch.Generator().manual_seed(0)
     for image, caption, colour, shape in single_shapes(args.n):
         prompt = caption.replace(colour, "[MASK]", 1)
         hits["image"] += tasks.fill_mask(model, tokenizer, image, prompt, top_k=1)[0][0][0] == colour
         hits["alone"] += tasks.fill_mask(model, tokenizer, None, prompt, top_k=1)[0][0][0] == colour
+        # Pre-training hid half of each caption, never a single word: hide one more, at random.
+        words = prompt.split(" ")
+        others = [i for i, w in enumerate(words) if w != "[MASK]" and w.isalpha()]
+        words[others[int(torch.randint(len(others), (1,), generator=g))]] = "[MASK]"
+        two = tasks.fill_mask(model, tokenizer, image, " ".join(words), top_k=1)
+        hits["two_hidden"] += two[words.index("[MASK]") != prompt.split(" ").index("[MASK]")][0][0] == colour
         hits["shape"] += tasks.zero_shot(model, tokenizer, image, SHAPES, template=template)[0][0] == shape
         errors.append(hidden_error(tasks.reconstruct(model, image, caption, seed=len(errors), tokenizer=tokenizer)))
     n = args.n
     e = np.array(errors).mean(0)
     print(f"over {n} held-out single-shape images: colour word right {hits['image'] / n:.1%} with the image, "
-          f"{hits['alone'] / n:.1%} from the caption alone (chance {1 / len(COLOURS):.1%}); zero-shot shape "
+          f"{hits['alone'] / n:.1%} from the caption alone (chance {1 / len(COLOURS):.1%}), "
+          f"{hits['two_hidden'] / n:.1%} with the image and one more word hidden; zero-shot shape "
           f"{hits['shape'] / n:.1%} (chance {1 / len(SHAPES):.0%}); hidden-patch MSE {e[0]:.4f} without the "
           f"caption, {e[1]:.4f} with it")
 

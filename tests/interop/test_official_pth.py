@@ -93,8 +93,9 @@ def test_filter_state_dict_recognises_the_pth_layout(official_fixtures):
     model.load_state_dict(ours, strict=True)  # every encoder tensor, nothing else
 
 
-@pytest.mark.parametrize("drop, match", [("encoder_text_type_embedding", "built on CPU"),
-                                         ("encoder.blocks.1.attention.fc.bias", "lacks encoder.blocks.1.attention.fc.bias")])
+@pytest.mark.parametrize("drop, match", [
+    ("encoder_text_type_embedding", "built on CPU"),
+    ("encoder.blocks.1.attention.fc.bias", "lacks encoder.blocks.1.attention.fc.bias")])
 def test_missing_tensors_are_refused(official_fixtures, tmp_path, drop, match):
     state = _colab_state(official_fixtures)
     del state[drop]

@@ -155,7 +155,8 @@ def run(args) -> int:
             else "M3AE (encoder + decoder)")
     print(f"{facts['path']}: {facts['kind']}" + (f" ({facts['note']})" if facts.get("note") else ""))
     print(f"  model:      {arch}")
-    print(f"  encoder:    {c['depth']} blocks x {c['emb_dim']} wide, {c['num_heads']} heads, mlp ratio {c['mlp_ratio']:g}")
+    print(f"  encoder:    {c['depth']} blocks x {c['emb_dim']} wide, {c['num_heads']} heads, "
+          f"mlp ratio {c['mlp_ratio']:g}")
     if not c["encoder_only"]:
         print(f"  decoder:    {c['dec_depth']} blocks x {c['dec_emb_dim']} wide, {c['dec_num_heads']} heads")
     grid = c["image_size"] // c["patch_size"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from m3ae.config import PRESETS, model_config
+from m3ae.config import PRESETS, ModelConfig, model_config
 from m3ae.losses import M3AELoss
 from m3ae.model import M3AE
 from m3ae.ops import num_kept
@@ -180,3 +180,40 @@ def test_text_embedding_init_is_official_by_default():
     assert abs(w.std().item() - 1.0) < 0.01 and abs(w.mean().item()) < 0.01
     w = create_model("tiny", text_embed_init_std=0.02).text_embed.weight
     assert abs(w.std().item() - 0.02) < 0.001
+
+
+def test_drop_path_acts_in_train_mode_only(tiny_cfg, batch_factory):
+    from m3ae.model import M3AE
+
+    image, text, pad = batch_factory(tiny_cfg)
+    model = M3AE(tiny_cfg)
+    assert all(b.drop_path.p == 0 for b in model.encoder.blocks)  # pre-training: none
+    model.train()
+    a, b = model.forward_features(image, text, pad), model.forward_features(image, text, pad)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.set_drop_path(0.3)
+    rates = [blk.drop_path.p for blk in model.encoder.blocks]
+    assert rates[0] == 0 and rates[-1] == pytest.approx(0.3) and rates == sorted(rates)
+    torch.manual_seed(1)
+    dropped = model.forward_features(image, text, pad)
+    assert not torch.allclose(dropped, a)
+    model.eval()
+    torch.testing.assert_close(model.forward_features(image, text, pad), a.detach(), rtol=0, atol=0)
+    assert M3AE(ModelConfig(**{**tiny_cfg.__dict__, "drop_path": 0.2})).encoder.blocks[-1].drop_path.p == pytest.approx(0.2)
+
+
+def test_encoder_only_model_has_no_decoder(tiny_cfg, batch_factory, tmp_path):
+    from m3ae.model import M3AE
+
+    image, text, pad = batch_factory(tiny_cfg)
+    full = M3AE(tiny_cfg)
+    enc = M3AE(ModelConfig(**{**tiny_cfg.__dict__, "encoder_only": True}))
+    enc_keys = set(enc.state_dict())
+    assert enc_keys < set(full.state_dict())
+    assert not any(k.startswith(("decoder", "image_head", "text_head", "image_mask", "text_mask")) for k in enc_keys)
+    enc.load_state_dict({k: v for k, v in full.state_dict().items() if k in enc_keys})
+    torch.testing.assert_close(enc.forward_features(image, text, pad), full.forward_features(image, text, pad))
+    with pytest.raises(ValueError, match="encoder-only .*cannot reconstruct"):
+        enc(image, text, pad)
+    enc.save_pretrained(tmp_path / "enc")
+    assert M3AE.from_pretrained(tmp_path / "enc").config.encoder_only

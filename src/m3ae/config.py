@@ -55,9 +55,16 @@ class ModelConfig:
     # nn.Embed default), which makes a token's identity as strong as its sin-cos position;
     # MAE-style N(0, 0.02) leaves it ~50x weaker than the position at the start of training.
     text_embed_init_std: float = 1.0
+    # Stochastic depth of the encoder blocks, rising linearly to this rate at the last block
+    # (MAE/timm); 0 in pre-training, the official fine-tuning recipe uses 0.1.
+    drop_path: float = 0.0
+    # Encoder only, without decoder and heads (e.g. the official Colab's PyTorch weights).
+    encoder_only: bool = False
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for width, heads, name in ((self.emb_dim, self.num_heads, "emb_dim"),

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
 
 from .config import ModelConfig, model_config
-from .ops import Masking, gather_tokens, no_masking, patchify, random_masking, sincos_1d, sincos_2d
+from .ops import (Masking, gather_tokens, no_masking, patchify, pool_tokens, random_masking, sincos_1d,
+                  sincos_2d)
 from .pretrained import (load_state_dict_checked, push_to_hub, read_model_config, read_weights,
                          resolve_pretrained, save_pretrained)
 
@@ -89,18 +91,21 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); each branch
+    dropped per sample with probability ``drop_path`` in training (stochastic depth)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, gelu_approximate: str):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, gelu_approximate: str,
+                 drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate)
+        self.drop_path = StochasticDepth(drop_path, "row")  # identity in eval mode or at 0
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):
@@ -162,6 +167,15 @@ class EncoderOutput(NamedTuple):
 
 # -------------------------------------------------------------------------- model
 class M3AE(nn.Module):
+    """Multimodal masked autoencoder: one encoder over image patches and caption tokens, a
+    light decoder predicting the hidden patches and words.
+
+    ``forward`` is the masked pre-training pass (an :class:`M3AEOutput`); ``encode_image`` /
+    ``encode_text`` / ``encode`` give pooled features (B, emb_dim); ``forward_features`` the
+    encoder's tokens. Build one with :func:`create_model` or load one with
+    :func:`m3ae.load_pretrained` / :meth:`from_pretrained`.
+    """
+
     def __init__(self, config: ModelConfig | None = None, **overrides):
         super().__init__()
         cfg = config if config is not None else model_config("base")
@@ -178,23 +192,28 @@ class M3AE(nn.Module):
         if cfg.use_type_embedding:
             self.encoder_image_type = nn.Parameter(torch.zeros(1, 1, d))
             self.encoder_text_type = nn.Parameter(torch.zeros(1, 1, d))
-            self.decoder_image_type = nn.Parameter(torch.zeros(1, 1, dd))
-            self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
+            if not cfg.encoder_only:
+                self.decoder_image_type = nn.Parameter(torch.zeros(1, 1, dd))
+                self.decoder_text_type = nn.Parameter(torch.zeros(1, 1, dd))
         self.encoder = Transformer(d, cfg.depth, cfg.num_heads, *block_args)
 
-        # Decoder.
-        self.decoder_embed = nn.Linear(d, dd)
-        self.image_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.text_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.decoder = Transformer(dd, cfg.dec_depth, cfg.dec_num_heads, *block_args)
-        self.image_head = nn.Linear(dd, cfg.patch_dim)
-        self.text_head = nn.Linear(dd, cfg.vocab_size)
+        self.set_drop_path(cfg.drop_path)
+
+        # Decoder (absent from an encoder-only model: forward_decoder says so).
+        if not cfg.encoder_only:
+            self.decoder_embed = nn.Linear(d, dd)
+            self.image_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+            self.text_mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+            self.decoder = Transformer(dd, cfg.dec_depth, cfg.dec_num_heads, *block_args)
+            self.image_head = nn.Linear(dd, cfg.patch_dim)
+            self.text_head = nn.Linear(dd, cfg.vocab_size)
 
         # Fixed position tables (not saved: they follow from the config).
         self.register_buffer("enc_image_pos", sincos_2d(d, cfg.grid_size)[None], persistent=False)
-        self.register_buffer("dec_image_pos", sincos_2d(dd, cfg.grid_size)[None], persistent=False)
         self.register_buffer("enc_text_pos", sincos_1d(d, cfg.max_text_len)[None], persistent=False)
-        self.register_buffer("dec_text_pos", sincos_1d(dd, cfg.max_text_len)[None], persistent=False)
+        if not cfg.encoder_only:
+            self.register_buffer("dec_image_pos", sincos_2d(dd, cfg.grid_size)[None], persistent=False)
+            self.register_buffer("dec_text_pos", sincos_1d(dd, cfg.max_text_len)[None], persistent=False)
         self.reset_parameters()
 
     # --------------------------------------------------------------- bookkeeping
@@ -233,7 +252,27 @@ class M3AE(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
-        self.decoder.grad_checkpointing = enable
+        if not self.config.encoder_only:
+            self.decoder.grad_checkpointing = enable
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth in the encoder, rising linearly from 0 at the first block to
+        ``rate`` at the last (MAE's fine-tuning rule); active in train mode only."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {rate}")
+        depth = len(self.encoder.blocks)
+        for i, blk in enumerate(self.encoder.blocks):
+            blk.drop_path.p = rate * i / max(depth - 1, 1)
+
+    @property
+    def has_decoder(self) -> bool:
+        return not self.config.encoder_only
+
+    def _require_decoder(self) -> None:
+        if self.config.encoder_only:
+            raise ValueError("this M3AE is encoder-only (no decoder or output heads, e.g. weights converted "
+                             "from the official Colab's .pth): it cannot reconstruct images or predict "
+                             "words; use encode_image / encode_text / forward_features")
 
     def save_pretrained(self, directory, tokenizer=None):
         """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory``."""
@@ -352,6 +391,7 @@ class M3AE(nn.Module):
 
         Returns (decoder hidden states of the image positions, of the caption positions).
         """
+        self._require_decoder()
         y = self.decoder_embed(enc.latent)
         b = y.shape[0]
         parts, valids = [y[:, :1]], [torch.ones(b, 1, dtype=torch.bool, device=y.device)]
@@ -395,6 +435,7 @@ class M3AE(nn.Module):
         states in :mod:`m3ae.losses` (pass ``text_head=model.text_head`` to the loss).
         """
         cfg = self.config
+        self._require_decoder()
         image_mask_ratio = cfg.image_mask_ratio if image_mask_ratio is None else image_mask_ratio
         text_mask_ratio = cfg.text_mask_ratio if text_mask_ratio is None else text_mask_ratio
         enc, patches = self.forward_encoder(
@@ -435,6 +476,56 @@ class M3AE(nn.Module):
                                       return_intermediates=return_intermediates)
         return (enc.latent, enc.intermediates) if return_intermediates else enc.latent
 
+    # ------------------------------------------------------------ pooled features
+    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or not images.is_floating_point():
+            got = type(images).__name__ if not isinstance(images, torch.Tensor) else f"a {images.dtype} tensor"
+            raise ValueError(f"images must be normalised float tensors (B, 3, H, W) from the model's "
+                             f"transform, got {got}")
+        if images.dim() == 3:  # one image from the transform
+            images = images[None]
+        if images.dim() != 4 or images.shape[1] != self.config.in_chans:
+            raise ValueError(f"images must be (B, {self.config.in_chans}, H, W), got {tuple(images.shape)}")
+        return images
+
+    @staticmethod
+    def _check_text(ids: torch.Tensor, padding_mask: torch.Tensor | None):
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            raise ValueError("ids must be an integer tensor (B, T) from the tokenizer: "
+                             "ids, padding_mask = tokenizer(captions)")
+        if ids.dim() == 1:
+            ids = ids[None]
+            padding_mask = None if padding_mask is None else padding_mask.reshape(1, -1)
+        if padding_mask is not None and padding_mask.shape != ids.shape:
+            raise ValueError(f"padding_mask {tuple(padding_mask.shape)} does not match ids {tuple(ids.shape)}")
+        return ids, padding_mask
+
+    def encode_image(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """Image features (B, emb_dim): the encoder's CLS token (``pool="cls"``) or the mean of
+        its patch tokens (``"mean"``), for unmasked normalised images (B, 3, H, W) or (3, H, W).
+        The numbers ``m3ae embed --modality image`` writes."""
+        enc, _ = self.forward_encoder(self._check_images(images))
+        return pool_tokens(enc.latent, enc.key_valid, pool)
+
+    def encode_text(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                    pool: str = "cls") -> torch.Tensor:
+        """Caption features (B, emb_dim) from token ids (B, T) and their padding mask (True =
+        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``."""
+        ids, padding_mask = self._check_text(ids, padding_mask)
+        enc, _ = self.forward_encoder(None, ids, padding_mask)
+        return pool_tokens(enc.latent, enc.key_valid, pool)
+
+    def encode(self, images: torch.Tensor, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+               pool: str = "cls") -> torch.Tensor:
+        """Joint features (B, emb_dim) of images and their captions in one encoder pass (the
+        mean runs over the patches and the caption's real tokens)."""
+        images = self._check_images(images)
+        ids, padding_mask = self._check_text(ids, padding_mask)
+        if ids.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {ids.shape[0]} captions")
+        enc, _ = self.forward_encoder(images, ids, padding_mask)
+        return pool_tokens(enc.latent, enc.key_valid, pool)
+
     @torch.no_grad()
     def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                        text_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -459,6 +550,30 @@ class M3AE(nn.Module):
         return torch.cat(parts, dim=1)
 
 
-def create_model(preset: str = "base", **overrides) -> M3AE:
-    """Build an M3AE from a named preset (``tiny``, ``small``, ``base``, ``large``, ``huge``)."""
-    return M3AE(model_config(preset, **overrides))
+# Config fields that do not change the weights' shapes or meaning: a pretrained model of a
+# preset may differ from it in these.
+_TRAINING_ONLY_FIELDS = ("image_mask_ratio", "text_mask_ratio", "text_embed_init_std", "drop_path")
+
+
+def create_model(preset: str = "base", pretrained=None, **overrides) -> M3AE:
+    """Build an M3AE from a named preset (``tiny``, ``small``, ``base``, ``large``, ``huge``;
+    see :func:`m3ae.list_models`), with config fields overridden.
+
+    ``pretrained``: a pretrained folder (or a Hub id already in the local cache) whose weights
+    to load; its architecture must be the preset's (with ``overrides``), else a ValueError
+    names the differences. The model is returned in train mode, as built; for inference use
+    :func:`m3ae.load_pretrained`, which also gives the tokenizer and transform.
+    """
+    cfg = model_config(preset, **overrides)
+    if pretrained is None:
+        return M3AE(cfg)
+    directory = resolve_pretrained(pretrained)
+    saved = read_model_config(directory)
+    diff = [f"{k}={getattr(saved, k)!r} (preset: {v!r})" for k, v in cfg.__dict__.items()
+            if k not in _TRAINING_ONLY_FIELDS and getattr(saved, k) != v]
+    if diff:
+        raise ValueError(f"{pretrained} is not a {preset!r} model: it has " + ", ".join(diff)
+                         + "; pass those as overrides or load it with m3ae.load_pretrained")
+    model = M3AE(cfg)
+    load_state_dict_checked(model, read_weights(directory), strict=True)
+    return model

@@ -186,6 +186,22 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+POOLS = ("cls", "mean")
+
+
+def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> torch.Tensor:
+    """(B, N, D) encoder tokens -> (B, D): CLS (position 0) or the mean over the valid
+    non-CLS tokens (``valid`` (B, N) bool, None = all valid)."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        w = torch.ones(tokens.shape[:2], device=tokens.device) if valid is None else valid.float()
+        w = w.clone()
+        w[:, 0] = 0  # CLS is not a token of the input
+        return (tokens * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+
+
 def trim_text_padding(text: torch.Tensor | None, padding_mask: torch.Tensor | None,
                       length: int | None = None):
     """Cut captions (B, T) and their padding mask to the batch's longest real caption.

@@ -136,3 +136,32 @@ class TextEncoder:
 
     def decode_tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.tokenizer.id_to_token(int(i)) or "[UNK]" for i in ids]
+
+
+class CaptionTokenizer(TextEncoder):
+    """The user-facing tokenizer of :func:`m3ae.load_pretrained` / :func:`m3ae.get_tokenizer`:
+    a :class:`TextEncoder` that also takes a single string and says when it truncates.
+
+    ``tokenizer("a red circle")`` or ``tokenizer([...])`` -> ``(ids, padding_mask)``, both
+    (B, text_len), the padding mask True at padding; ``tokenizer.decode(ids)`` -> words.
+    """
+
+    def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"tokenizer takes a str or a list of str, got {type(texts).__name__}"
+                            + ("" if not isinstance(texts, (list, tuple)) else " holding non-strings"))
+        for t in texts:
+            n = len(self.tokenizer.encode(t, add_special_tokens=False).ids)
+            if n > self.text_len:
+                import warnings
+
+                warnings.warn(f"caption truncated to the model's {self.text_len} tokens (it has {n}): "
+                              f"{t[:60]!r}", stacklevel=2)
+        return super().__call__(list(texts))
+
+    def decode(self, ids: Iterable[int], skip_padding: bool = True) -> str:
+        """Token ids -> text (WordPiece pieces joined), padding left out."""
+        ids = [int(i) for i in ids if not (skip_padding and int(i) == self.pad_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=False)

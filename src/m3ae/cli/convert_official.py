@@ -12,8 +12,12 @@ def register(sub) -> None:
         description="Read a checkpoint written by the official JAX training scripts "
                     "(young-geng/m3ae_public) without jax/flax and without running code from the "
                     "file, infer the architecture, and write DST_DIR (config.json + "
-                    "model.safetensors) for M3AE.from_pretrained.")
-    p.add_argument("src", metavar="SRC.pkl", help="official checkpoint (pickled {step, epoch, variant, state})")
+                    "model.safetensors) for M3AE.from_pretrained. The official Colab's .pth files "
+                    "hold the encoder only: the result is an encoder-only model (features, "
+                    "fine-tuning; no reconstruction).")
+    p.add_argument("src", metavar="SRC", help="official checkpoint: a pickle of {step, epoch, variant, state} "
+                                             "from the JAX training scripts, or the official Colab's PyTorch "
+                                             "encoder weights (m3ae_small/base/large.pth)")
     p.add_argument("dst", metavar="DST_DIR", help="output folder")
     p.add_argument("--image-size", type=int, default=None,
                    help="image size the model was trained at (default: the checkpoint's recorded "
@@ -47,16 +51,21 @@ def run(args: argparse.Namespace) -> int:
                              f"vocabulary has {model.config.vocab_size}")
         tok.save(str(Path(args.dst) / TOKENIZER_NAME))
     c = model.config
-    kind = "MAE (image only; the text side is unused)" if meta["image_only"] else "M3AE"
+    kind = ("MAE (image only; the text side is unused)" if meta["image_only"] else
+            "M3AE encoder only (the .pth has no decoder)" if c.encoder_only else "M3AE")
     print(f"converted {args.src} -> {args.dst}")
     print(f"  model:   {kind}, step {meta['step']}, epoch {meta['epoch']}")
+    decoder = ("none" if c.encoder_only else
+               f"{c.dec_depth} x {c.dec_emb_dim}, {c.dec_num_heads} heads")
     print(f"  encoder: {c.depth} blocks x {c.emb_dim} wide, {c.num_heads} heads; decoder: "
-          f"{c.dec_depth} x {c.dec_emb_dim}, {c.dec_num_heads} heads; mlp ratio {c.mlp_ratio:g}")
+          f"{decoder}; mlp ratio {c.mlp_ratio:g}")
     print(f"  image:   {c.image_size} px ({meta['image_size_from']}), patch {c.patch_size}, "
           f"type embeddings {'on' if c.use_type_embedding else 'off'}")
     if not meta["image_only"]:
         print(f"  text:    vocabulary {c.vocab_size}, up to {c.max_text_len} tokens")
-    text_ratio = "" if meta["image_only"] else f", text {c.text_mask_ratio:g}"
-    print(f"  masking: image {c.image_mask_ratio:g}{text_ratio} (the run's ratios; pretrain defaults)")
-    print(f"  params:  {meta['flax_params']:,} from the checkpoint; model has {meta['num_params']:,}")
+    if not c.encoder_only:
+        text_ratio = "" if meta["image_only"] else f", text {c.text_mask_ratio:g}"
+        print(f"  masking: image {c.image_mask_ratio:g}{text_ratio} (the run's ratios; pretrain defaults)")
+    source = meta.get("flax_params", meta.get("source_params"))
+    print(f"  params:  {source:,} from the checkpoint; model has {meta['num_params']:,}")
     return 0

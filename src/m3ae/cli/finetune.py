@@ -1,5 +1,6 @@
 """m3ae finetune: fine-tune the whole encoder or its last k blocks for classification, with
-layer-wise LR decay, label smoothing and crop/flip augmentation; top-1/top-5 per epoch."""
+layer-wise LR decay, label smoothing, crop/flip + RandAugment, Mixup/CutMix and drop path
+(the official recipe's defaults); top-1/top-5 per epoch."""
 from __future__ import annotations
 
 from .eval_common import DATA_HELP, add_eval_command, write_results
@@ -25,10 +26,30 @@ def register(sub) -> None:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                    help="RandomResizedCrop scale range (default 0.08 1.0)")
+    p.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha, 0 = off (default 0.8, the official recipe)")
+    p.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha, 0 = off (default 1.0)")
+    p.add_argument("--switch-prob", type=float, default=0.5,
+                   help="with both on, the chance a batch gets CutMix instead of Mixup (default 0.5)")
+    p.add_argument("--drop-path", type=float, default=0.1,
+                   help="stochastic depth of the encoder's last block, rising linearly from 0 (default 0.1)")
+    p.add_argument("--randaug", default="2,9", metavar="N,M",
+                   help="RandAugment: N ops at magnitude M (default 2,9); 0 = off")
     p.add_argument("--limit-train", type=int, default=None, help="needed for WebDataset shards (their size)")
     p.add_argument("--limit-val", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
+
+
+def _randaug(text: str) -> tuple[int, int] | None:
+    if text.strip() in ("0", "none", "off"):
+        return None
+    try:
+        n, m = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--randaug takes N,M (ops, magnitude) or 0, got {text!r}") from None
+    if n < 0 or not 0 <= m <= 30:
+        raise ValueError(f"--randaug: N must be >= 0 and M in [0, 30], got {text!r}")
+    return (n, m) if n else None
 
 
 def run(args) -> int:
@@ -37,9 +58,11 @@ def run(args) -> int:
     from ..evaluation.features import load_model
     from ..evaluation.finetune import finetune
 
+    randaug = _randaug(args.randaug)
     model, _ = load_model(args.model, resolve_device(args.device))
     size = model.config.image_size
-    train = load_labelled(args.train, size, train=True, limit=args.limit_train, crop_scale=tuple(args.crop_scale))
+    train = load_labelled(args.train, size, train=True, limit=args.limit_train, crop_scale=tuple(args.crop_scale),
+                          randaug=randaug)
     val = load_labelled(args.val, size, limit=args.limit_val)
     names = train.class_names or val.class_names
     if names is None:
@@ -48,7 +71,8 @@ def run(args) -> int:
                    make_loader(val, batch_size=args.batch_size), len(names), last_blocks=args.last_blocks,
                    epochs=args.epochs, base_lr=args.base_lr, lr=args.lr, layer_decay=args.layer_decay,
                    weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
-                   warmup_epochs=args.warmup_epochs, class_names=names, progress=not args.no_progress,
+                   warmup_epochs=args.warmup_epochs, class_names=names, mixup=args.mixup, cutmix=args.cutmix,
+                   switch_prob=args.switch_prob, drop_path=args.drop_path, progress=not args.no_progress,
                    seed=args.seed)
     def top5(d):  # hidden with 5 classes or fewer, where it is 100% by construction
         return f"  top-5 {d['top5']:.2%}" if d.get("top5") is not None else ""

@@ -114,17 +114,40 @@ def _cache(path: str, transform, limit: int | None, tag: str) -> LabelledData:
     return LabelledData(ds, cache.class_names, f"{tag}|cache|{_file_stamp(files)}", path)
 
 
+class RandAugmented:
+    """:class:`PretrainTransform` (crop + flip) with torchvision's ``RandAugment`` applied to
+    the crop before normalisation, as in MAE's and the official fine-tuning."""
+
+    def __init__(self, base: PretrainTransform, num_ops: int = 2, magnitude: int = 9):
+        from torchvision.transforms import v2
+
+        self.base = base
+        self.randaug = v2.RandAugment(num_ops=num_ops, magnitude=magnitude)
+
+    def __call__(self, sample: dict) -> dict:
+        sample = dict(sample)
+        if sample.get("image") is None:
+            return sample
+        image, flipped = self.base.augment(sample["image"])
+        if flipped and self.base.swap_captions and sample.get("caption"):
+            sample["caption"] = self.base.swap_words(sample["caption"])
+        sample["image"] = self.base.finish(self.randaug(image))
+        return sample
+
+
 def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int | None = None,
-                  crop_scale=(0.08, 1.0)) -> LabelledData:
+                  crop_scale=(0.08, 1.0), randaug: tuple[int, int] | None = None) -> LabelledData:
     """A labelled dataset from a data spec (see the module doc).
 
     ``train=True`` applies the usual fine-tuning augmentation (random resized crop with
-    ``crop_scale``, horizontal flip); otherwise resize + centre crop. ``limit`` keeps the
-    first ``limit`` samples.
+    ``crop_scale``, horizontal flip, and with ``randaug=(num_ops, magnitude)`` RandAugment);
+    otherwise resize + centre crop. ``limit`` keeps the first ``limit`` samples.
     """
     transform = (PretrainTransform(image_size, crop_scale, hflip=0.5, swap_captions=True) if train
                  else EvalTransform(image_size))
-    tag = f"{spec}|{image_size}|{train}|{limit}"
+    if train and randaug and randaug[0] > 0:
+        transform = RandAugmented(transform, *randaug)
+    tag = f"{spec}|{image_size}|{train}|{limit}" + (f"|randaug{tuple(randaug)}" if train and randaug else "")
     if spec == "shapes" or spec.startswith("shapes:"):
         parts = spec.split(":")[1:]
         try:

@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from ..data import model_inputs
 from ..model import M3AE
 from ..io import atomic_write, save_safetensors
+from ..ops import POOLS, pool_tokens  # noqa: F401 (one pooling for every path, also M3AE.encode_*)
 from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
 from ..tokenizer import TextEncoder, load_tokenizer
 from ..device import resolve_device  # noqa: F401 (also imported from here)
 
 MODALITIES = ("image", "text", "both")
-POOLS = ("cls", "mean")
 
 
 @dataclass
@@ -104,19 +104,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     elif need_tokenizer:
         raise FileNotFoundError(f"{directory} has no {TOKENIZER_NAME}; text inputs need the model's tokenizer")
     return model, text_encoder
-
-
-def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> torch.Tensor:
-    """(B, N, D) encoder tokens -> (B, D): CLS (position 0) or the mean over the valid
-    non-CLS tokens (``valid`` (B, N) bool, None = all valid)."""
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "mean":
-        w = torch.ones(tokens.shape[:2], device=tokens.device) if valid is None else valid.float()
-        w = w.clone()
-        w[:, 0] = 0  # CLS is not a token of the input
-        return (tokens * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
-    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
 @torch.no_grad()

@@ -7,7 +7,14 @@ a linear head on the CLS feature. Layer-wise decay scales block ``i``'s LR by
 ``layer_decay ** (depth + 1 - layer_id)`` with ``layer_id`` from :meth:`M3AE.group_matcher`
 (0 = embeddings, i+1 = block i, depth+1 = final norm and head), as BEiT and MAE do. AdamW,
 warm-up then cosine decay; no weight decay on biases, norms, tokens and embedding tables.
-Mixup/CutMix and drop-path are not implemented.
+
+The official recipe's regularisers come from torchvision: Mixup and CutMix on each batch
+(``transforms.v2.MixUp`` / ``CutMix``, one of the two per batch, CutMix with probability
+``switch_prob``; the targets become class probabilities), stochastic depth in the encoder
+(``torchvision.ops.StochasticDepth``, rising to ``drop_path`` at the last block) and
+RandAugment in the data (:func:`m3ae.evaluation.data.load_labelled`). The defaults are the
+official fine-tuning command's: mixup 0.8, cutmix 1.0, switch prob 0.5, label smoothing 0.1,
+drop path 0.1, RandAugment 2 ops at magnitude 9.
 """
 from __future__ import annotations
 
@@ -110,6 +117,26 @@ def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: f
     return groups
 
 
+def batch_mixer(num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5):
+    """``(images, labels) -> (mixed images, target probabilities (B, C))``, or None when both
+    alphas are 0. Mixup and CutMix with Beta(alpha, alpha) weights; with both on, CutMix is
+    chosen with probability ``switch_prob`` for each batch."""
+    from torchvision.transforms import v2
+
+    if mixup < 0 or cutmix < 0 or not 0 <= switch_prob <= 1:
+        raise ValueError(f"mixup and cutmix must be >= 0 and switch_prob in [0, 1], got {mixup}, {cutmix}, {switch_prob}")
+    ops = []
+    if mixup > 0:
+        ops.append((v2.MixUp(alpha=mixup, num_classes=num_classes), 1 - switch_prob))
+    if cutmix > 0:
+        ops.append((v2.CutMix(alpha=cutmix, num_classes=num_classes), switch_prob))
+    if not ops:
+        return None
+    if len(ops) == 1:
+        return ops[0][0]
+    return v2.RandomChoice([op for op, _ in ops], p=[p for _, p in ops])
+
+
 @dataclass
 class FinetuneResult:
     top1: float
@@ -126,15 +153,20 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
              epochs: int = 10, batch_size: int | None = None, base_lr: float = 5e-4, lr: float | None = None,
              layer_decay: float = 0.75, weight_decay: float = 0.05, label_smoothing: float = 0.1,
              warmup_epochs: float = 1.0, pool: str = "cls", class_names=None, grad_clip: float = 0.0,
+             mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5, drop_path: float = 0.1,
              progress: bool = True, seed: int = 0) -> FinetuneResult:
     """Fine-tune on ``train_loader`` (augmented batches), report top-1/top-5 on ``val_loader``
-    after each epoch. ``lr`` defaults to ``base_lr * batch_size / 256`` (MAE's scaling)."""
+    after each epoch. ``lr`` defaults to ``base_lr * batch_size / 256`` (MAE's scaling).
+    ``mixup`` / ``cutmix``: Beta alphas (0 = off); ``drop_path``: the encoder's stochastic
+    depth at its last block during fine-tuning (the model keeps it, inactive in eval mode)."""
     from .linear_probe import topk_accuracy
 
     torch.manual_seed(seed)
     if last_blocks is not None and not 0 <= last_blocks <= model.config.depth:
         raise ValueError(f"last_blocks must be in [0, {model.config.depth}], got {last_blocks}")
     device = next(model.parameters()).device
+    model.set_drop_path(drop_path)
+    mixer = batch_mixer(num_classes, mixup, cutmix, switch_prob)
     clf = Classifier(model, num_classes, pool, class_names).to(device)
     batch_size = batch_size or train_loader.batch_size
     lr = lr if lr is not None else base_lr * batch_size / 256
@@ -154,8 +186,10 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
         for batch in tqdm(train_loader, disable=not progress, desc=f"finetune {epoch + 1}/{epochs}", dynamic_ncols=True):
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_scale"] * warmup_cosine(step, total, warm)
-            image = model_inputs(batch, device)["image"]
-            loss = loss_fn(clf(image), batch["label"].to(device))
+            image, target = model_inputs(batch, device)["image"], batch["label"].to(device)
+            if mixer is not None:
+                image, target = mixer(image, target)  # target: (B, C) class probabilities
+            loss = loss_fn(clf(image), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip > 0:

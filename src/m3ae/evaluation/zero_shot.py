@@ -80,10 +80,35 @@ def build_prompt(text_encoder: TextEncoder, template: str, class_name: str) -> P
     return Prompt(out, pad, h, s)
 
 
+def masked_prompt(text_encoder: TextEncoder, text: str) -> Prompt:
+    """A caption with ``[MASK]`` placeholders -> a :class:`Prompt` whose hidden (and scored)
+    positions are the placeholders, for predicting the words there (fill in the blank)."""
+    if MASK_WORD not in text:
+        raise ValueError(f"the prompt needs at least one {MASK_WORD} to fill in, got {text!r}")
+    ids, hidden = [], []
+    for k, piece in enumerate(text.split(MASK_WORD)):
+        if k > 0:  # the id never reaches the encoder: the position is hidden
+            ids.append(text_encoder.mask_id if text_encoder.mask_id is not None else text_encoder.pad_id)
+            hidden.append(True)
+        toks = text_encoder.tokenizer.encode(piece, add_special_tokens=False).ids if piece.strip() else []
+        ids += toks
+        hidden += [False] * len(toks)
+    n, length = len(ids), text_encoder.text_len
+    if n > length:
+        raise ValueError(f"the prompt has {n} tokens, more than the model's caption length {length}")
+    if all(hidden):
+        raise ValueError(f"the prompt {text!r} leaves no caption token visible")
+    out = torch.full((length,), text_encoder.pad_id, dtype=torch.long)
+    out[:n] = torch.tensor(ids)
+    h = torch.zeros(length, dtype=torch.bool)
+    h[:n] = torch.tensor(hidden)
+    return Prompt(out, torch.arange(length) >= n, h, h.clone())
+
+
 @torch.no_grad()
-def prompt_log_likelihood(model: M3AE, image: torch.Tensor | None, prompt: Prompt, batch: int,
-                          normalize: str = "mean") -> torch.Tensor:
-    """Score (B,) of the prompt's class tokens for each image (or for no image when None)."""
+def hidden_token_logits(model: M3AE, image: torch.Tensor | None, prompt: Prompt, batch: int) -> torch.Tensor:
+    """Text-head logits (B, T, V) with exactly the prompt's hidden positions masked from the
+    encoder (and the image, when given, fully visible)."""
     device = next(model.parameters()).device
     text = prompt.ids.to(device).expand(batch, -1)
     pad = prompt.pad.to(device).expand(batch, -1)
@@ -96,9 +121,18 @@ def prompt_log_likelihood(model: M3AE, image: torch.Tensor | None, prompt: Promp
     out = model(image, text, pad, image_mask_ratio=0.0, text_mask_ratio=ratio, text_noise=noise)
     expected = prompt.hidden.to(device).expand(batch, -1)
     if not torch.equal(out.text_mask, expected):
-        raise RuntimeError("internal error: the masked caption tokens are not the class tokens")
-    logp = out.text_logits.float().log_softmax(-1).gather(-1, text[..., None])[..., 0]  # (B, T)
-    scored = prompt.scored.to(device).float()
+        raise RuntimeError("internal error: the masked caption tokens are not the prompt's hidden tokens")
+    return out.text_logits
+
+
+@torch.no_grad()
+def prompt_log_likelihood(model: M3AE, image: torch.Tensor | None, prompt: Prompt, batch: int,
+                          normalize: str = "mean") -> torch.Tensor:
+    """Score (B,) of the prompt's class tokens for each image (or for no image when None)."""
+    logits = hidden_token_logits(model, image, prompt, batch)
+    text = prompt.ids.to(logits.device).expand(batch, -1)
+    logp = logits.float().log_softmax(-1).gather(-1, text[..., None])[..., 0]  # (B, T)
+    scored = prompt.scored.to(logp.device).float()
     total = (logp * scored).sum(-1)
     if normalize == "mean":
         return total / scored.sum()
@@ -139,6 +173,12 @@ class ZeroShotResult:
 
 
 @torch.no_grad()
+def class_scores(model: M3AE, image: torch.Tensor, prompts: list[Prompt], normalize: str = "mean") -> torch.Tensor:
+    """Scores (B, C) of one prompt per class (:func:`build_prompt`) for a batch of images."""
+    return torch.stack([prompt_log_likelihood(model, image, p, image.shape[0], normalize) for p in prompts], dim=1)
+
+
+@torch.no_grad()
 def zero_shot_scores(model: M3AE, text_encoder: TextEncoder, loader, class_names: list[str],
                      template: str = "a photo of a {}.", normalize: str = "mean",
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,8 +191,7 @@ def zero_shot_scores(model: M3AE, text_encoder: TextEncoder, loader, class_names
     with tqdm(total=total, disable=not progress, desc="zero-shot", unit="img", dynamic_ncols=True) as bar:
         for batch in loader:
             image = model_inputs(batch, next(model.parameters()).device)["image"]
-            scores.append(torch.stack([prompt_log_likelihood(model, image, p, image.shape[0], normalize)
-                                       for p in prompts], dim=1).cpu())
+            scores.append(class_scores(model, image, prompts, normalize).cpu())
             labels.append(batch["label"])
             bar.update(image.shape[0])
     return torch.cat(scores), prior, torch.cat(labels)

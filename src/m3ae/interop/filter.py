@@ -4,6 +4,8 @@ Formats:
 
 * ``"official"`` -- the official JAX/Flax parameter tree (nested dicts, with or without the
   ``params`` collection level, or flat '/'-joined paths), numpy or torch values;
+* ``"official_pth"`` -- the official Colab's PyTorch ``.pth`` of the encoder
+  (:mod:`m3ae.interop.official_pth`);
 * ``"timm"`` -- a timm ``VisionTransformer`` state dict (image encoder only; see
   :mod:`m3ae.interop.timm` for what can be represented);
 * ``"m3ae"`` -- our own names, possibly behind a ``module.`` (DDP) or ``_orig_mod.``
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-FORMATS = ("official", "timm", "m3ae")
+FORMATS = ("official", "official_pth", "timm", "m3ae")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -36,10 +38,15 @@ def detect_format(state: dict) -> str:
         return "official"
     if "pos_embed" in state and "patch_embed.proj.weight" in state:
         return "timm"
+    from .official_pth import is_official_pth
+
+    if is_official_pth(state):
+        return "official_pth"
     stripped = {_strip(k) for k in keys}
     if "patch_embed.weight" in stripped or any(k.startswith("encoder.blocks.") for k in stripped):
         return "m3ae"
-    raise ValueError("unrecognised checkpoint format (expected an official Flax param tree, a timm "
+    raise ValueError("unrecognised checkpoint format (expected an official Flax param tree, the official "
+                     "Colab's .pth, a timm "
                      f"VisionTransformer or an m3ae state dict); first keys: {keys[:5]}")
 
 
@@ -66,6 +73,10 @@ def filter_state_dict(state: dict[str, Any], source: str = "auto") -> dict[str, 
         from .official import convert_flax_params, flax_params
 
         return convert_flax_params(flax_params(state))
+    if source == "official_pth":
+        from .official_pth import convert_official_pth
+
+        return convert_official_pth(state)
     if source == "timm":
         from .timm import from_timm_state_dict
 

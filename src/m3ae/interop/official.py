@@ -268,6 +268,15 @@ def _refuse_other_formats(path: Path) -> None:
                          f"m3ae's own models (a folder with config.json + model.safetensors) load directly")
 
 
+def is_torch_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``torch.save`` file (a zip archive), e.g. the official Colab's .pth."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
 def read_official_pickle(path: str | Path) -> tuple[dict, set[str]]:
     """The checkpoint dict, read safely; refuses files that try to run commands."""
     path = Path(path)
@@ -346,14 +355,24 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], image_only: bo
 def convert_official(src: str | Path, dst: str | Path, **config_overrides):
     """Convert an official checkpoint into a pretrained folder (config.json + model.safetensors).
 
+    ``src``: a pickle of the official JAX training scripts, or the official Colab's PyTorch
+    ``.pth`` (encoder only: the model and its ``config.json`` say ``encoder_only``).
     Returns (model, meta). ``config.json`` records ``image_only`` and where it came from.
     """
     from ..pretrained import save_pretrained
 
-    cfg, state, meta = load_official_checkpoint(src, **config_overrides)
+    if is_torch_file(src):  # the official Colab's encoder-only .pth (m3ae.interop.official_pth)
+        from .official_pth import load_official_pth
+
+        config_overrides.pop("dec_num_heads", None)  # no decoder
+        cfg, state, meta = load_official_pth(src, **config_overrides)
+        fmt = "official-colab-pth"
+    else:
+        cfg, state, meta = load_official_checkpoint(src, **config_overrides)
+        fmt = f"official-jax-{meta['kind']}"
     model = build_model(cfg, state, meta["image_only"])
     extra = {"image_only": meta["image_only"],
-             "converted_from": {"format": f"official-jax-{meta['kind']}", "file": Path(src).name,
+             "converted_from": {"format": fmt, "file": Path(src).name,
                                 "step": meta["step"], "epoch": meta["epoch"],
                                 "image_size_from": meta["image_size_from"]}}
     save_pretrained(model, dst, extra=extra)

@@ -66,10 +66,12 @@ def write_manifest(directory: str | os.PathLike) -> Path:
     return directory / MANIFEST_NAME
 
 
-def check_files(directory: str | os.PathLike, names: tuple[str, ...] = (), digest: bool = True) -> str | None:
-    """None when ``names`` exist in ``directory`` and every file its manifest lists has the
-    recorded size (and, with ``digest``, SHA-256); else one sentence naming the first bad file.
-    A folder without a manifest (written by an earlier m3ae, or by hand) is checked for ``names`` only."""
+def check_files(directory: str | os.PathLike, names: tuple[str, ...] = (), digest: bool = True,
+                only: tuple[str, ...] | None = None) -> str | None:
+    """None when ``names`` exist in ``directory`` and every file its manifest lists (or those of
+    them in ``only``) has the recorded size (and, with ``digest``, SHA-256); else one sentence
+    naming the first bad file. A folder without a manifest (written by an earlier m3ae, or by
+    hand) is checked for ``names`` only."""
     directory = Path(directory)
     for name in names:
         if not (directory / name).is_file():
@@ -82,6 +84,8 @@ def check_files(directory: str | os.PathLike, names: tuple[str, ...] = (), diges
     except (ValueError, KeyError, TypeError):
         return f"{manifest} is damaged (not the JSON m3ae writes)"
     for name, want in files.items():
+        if only is not None and name not in only:
+            continue
         path = directory / name
         if not path.is_file():
             return f"{path} is missing"
@@ -151,7 +155,9 @@ def read_weights(directory: str | os.PathLike, map_location: str = "cpu") -> dic
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    problem = check_files(directory, digest=False)  # sizes only: cheap enough for every load
+    # Sizes only (cheap enough for every load), and only the model's own files: a checkpoint's
+    # damaged trainer state does not stop its weights from loading.
+    problem = check_files(directory, digest=False, only=(CONFIG_NAME, WEIGHTS_NAME))
     if problem:
         raise ValueError(problem)
     try:
@@ -196,7 +202,7 @@ def push_to_hub(model, repo_id: str, tokenizer=None, *, private: bool | None = N
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp, tokenizer)
+        save_pretrained(model, tmp, tokenizer, manifest=False)  # the Hub keeps its own SHA-256s
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
                                  revision=revision, repo_type="model")
     return str(getattr(info, "commit_url", info))

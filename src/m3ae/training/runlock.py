@@ -53,7 +53,11 @@ class RunLock:
         except FileNotFoundError:
             return None
         except ValueError:  # being written this instant, or a holder killed between creating and writing it
-            return {} if time.time() - self.path.stat().st_mtime < 10 else {"pid": -1, "host": self.me["host"]}
+            try:
+                young = time.time() - self.path.stat().st_mtime < 10
+            except FileNotFoundError:
+                return None
+            return {} if young else {"pid": -1, "host": self.me["host"]}
 
     def _create(self) -> bool:
         try:

@@ -219,6 +219,8 @@ def _take_lock(run_dir: Path, info: DistInfo):
             lock = RunLock(run_dir).acquire(say=tqdm.write)
         except RunFolderLocked as e:
             problem = str(e)
+        except OSError as e:  # an unwritable --out: said once, on every rank
+            problem = f"cannot create the run folder's lock {Path(run_dir) / '.lock'}: {e.strerror or e}"
     problem = broadcast_object(problem, info)
     if problem:
         raise RunFolderLocked(problem)
@@ -332,14 +334,14 @@ class _Run:
             raise error  # this rank's own unexpected error: keep its traceback
         raise _SHARED_ERRORS.get(kind, RankFailed)(msg) from None
 
-    def _on_main(self, fn, *args) -> None:
+    def _on_main(self, fn, *args, **kwargs) -> None:
         """Rank 0's own writes (metrics rows, pictures): a failure waits for the next step
         boundary, where every rank stops with it (the others are in a collective by then)."""
         if not self.info.distributed:
-            fn(*args)
+            fn(*args, **kwargs)
             return
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except Exception as e:
             self._deferred = self._deferred or f"{type(e).__name__}: {e}"
 

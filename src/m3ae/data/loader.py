@@ -18,7 +18,9 @@ skip counts). For an indexable source ``loader.sampler.set_position(epoch, start
 holds, per worker, how many raw items it has handed out; on resume each worker replays its
 stream (shard order, shuffle buffer and mixture draws are functions of the seed, epoch and
 slot) and skips that many items *without decoding them*, then continues — nothing is repeated
-or skipped. The resumed run must use the same ``num_workers`` and world size (checked). The
+or skipped. The resumed run must use the same ``num_workers`` (checked); on another world
+size the trainer starts the interrupted epoch afresh with a note (reader slots do not map onto
+other slots), while an indexable position converts (``offset``, see :class:`EpochSampler`). The
 replay costs reading, not decoding, the skipped items; for an endless stream (a mixture or
 ``resample=true``) it grows with the run length.
 

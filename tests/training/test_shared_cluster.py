@@ -64,6 +64,24 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_taken_over(h, tiny, 
     assert res.steps == done + 1 and not _lock(run).exists()
 
 
+@pytest.mark.slow
+def test_sigterm_removes_the_lock(h, tiny, tmp_path):
+    """SLURM's preemption and time limit send SIGTERM: a requeued job may start on another
+    node, where a lock left behind would be refused."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(h.pretrain_cmd(run, tiny + ["train.batch_size=2", "train.steps=100000"]),
+                            env=h.cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").is_file() or not read_metrics(run / "metrics.jsonl"):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "the run made no progress"
+        time.sleep(0.05)
+    assert json.loads(_lock(run).read_text())["pid"] == proc.pid
+    proc.terminate()
+    assert proc.wait(60) == -signal.SIGTERM  # it still ends as SIGTERM ends a process
+    assert not _lock(run).exists()
+
+
 def test_the_lock_is_held_while_running_and_released_on_every_exit_path(h, tiny, tmp_path, monkeypatch, request):
     from m3ae.training import loggers
     from m3ae.training.interrupt import TrainingInterrupted

@@ -5,13 +5,17 @@ would resume from each other's checkpoints and write every step twice. The lock 
 created with ``O_CREAT | O_EXCL`` (atomic on local file systems and on NFSv3+, Lustre and
 GPFS) holding the holder's pid, host and start time. A lock whose holder is gone is taken
 over with a note, but only on the holder's own host: from another host a pid cannot be
-checked, so such a lock is refused with a message that says how to remove it by hand.
+checked, so such a lock is refused with a message that says how to remove it by hand. A
+SIGTERM (SLURM's preemption or time limit, ``scancel``) removes the lock before the process
+ends as SIGTERM ends it, so a job requeued onto another node is not refused.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +80,7 @@ class RunLock:
         for _ in range(3):  # a lost race for a stale lock is retried
             if self._create():
                 self.held = True
+                self._on_sigterm()
                 return self
             holder = self._read()
             if holder is None:
@@ -103,9 +108,28 @@ class RunLock:
         self._undo_folder()
         raise RunFolderLocked(f"could not take the lock {self.path}: other processes keep taking it")
 
+    def _on_sigterm(self) -> None:
+        self._old_term = None
+        if threading.current_thread() is not threading.main_thread():
+            return
+        old = signal.getsignal(signal.SIGTERM)
+
+        def release_then_terminate(signum, frame):
+            self.release()
+            if callable(old):
+                old(signum, frame)
+            elif old != signal.SIG_IGN:  # the default: end as SIGTERM ends a process
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, release_then_terminate)
+        self._old_term = old
+
     def release(self) -> None:
         """Remove the lock if it is still this process's; a folder this run made and left
         empty (a failed start) goes too."""
+        if getattr(self, "_old_term", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_term)  # also, first, inside the SIGTERM handler
+            self._old_term = None
         if self.held:
             holder = self._read()
             if holder and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:

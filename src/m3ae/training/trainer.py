@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import build_dataset, build_pretrain_loader, build_text_encoder
+from ..data.decode import DataError
 from ..model import M3AE
 from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
-from ..data.decode import DataError
 from .checkpoint import (CheckpointWriteError, clear_run, config_changes, last_good_after_resume,
                          load_trainer_state, refuse_existing_run, resolve_resume, save_checkpoint)
 from .distributed import (DistInfo, barrier, broadcast_object, control_group, first_failure, gather_objects,

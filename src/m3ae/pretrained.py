@@ -28,10 +28,65 @@ from .io import save_safetensors, write_json_atomic  # noqa: F401 (also imported
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+# Size and SHA-256 of every other file of the folder, written last: a file cut short or
+# changed later (a bad disk, a copy that stopped half-way) is named instead of loaded.
+MANIFEST_NAME = "manifest.json"
 
 
-def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the model (and optionally its tokenizer) to ``directory``."""
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike) -> Path:
+    """Record the size and SHA-256 of every file in ``directory`` (see :data:`MANIFEST_NAME`)."""
+    directory = Path(directory)
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    write_json_atomic(directory / MANIFEST_NAME, {"files": files})
+    return directory / MANIFEST_NAME
+
+
+def check_files(directory: str | os.PathLike, names: tuple[str, ...] = (), digest: bool = True,
+                only: tuple[str, ...] | None = None) -> str | None:
+    """None when ``names`` exist in ``directory`` and every file its manifest lists (or those of
+    them in ``only``) has the recorded size (and, with ``digest``, SHA-256); else one sentence
+    naming the first bad file. A folder without a manifest (written by an earlier m3ae, or by
+    hand) is checked for ``names`` only."""
+    directory = Path(directory)
+    for name in names:
+        if not (directory / name).is_file():
+            return f"{directory / name} is missing"
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is damaged (not the JSON m3ae writes)"
+    for name, want in files.items():
+        if only is not None and name not in only:
+            continue
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} is damaged: {size} bytes, {want['bytes']} when it was written"
+        if digest and _sha256(path) != want["sha256"]:
+            return f"{path} is damaged: its SHA-256 differs from the one recorded when it was written"
+    return None
+
+
+def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None,
+                    manifest: bool = True) -> Path:
+    """Write the model (and optionally its tokenizer) to ``directory``, then its manifest
+    (``manifest=False``: the caller adds files and writes the manifest itself)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -40,6 +95,8 @@ def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: 
     write_json_atomic(directory / CONFIG_NAME, config)
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER_NAME))
+    if manifest:
+        write_manifest(directory)
     return directory
 
 
@@ -47,7 +104,10 @@ def read_model_config(directory: str | os.PathLike) -> ModelConfig:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a pretrained M3AE folder: {CONFIG_NAME} is missing")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
     known = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in raw.items() if k in known})
 
@@ -81,7 +141,15 @@ def read_weights(directory: str | os.PathLike, map_location: str = "cpu") -> dic
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing")
-    return load_file(str(weights), device=map_location)
+    # Sizes only (cheap enough for every load), and only the model's own files: a checkpoint's
+    # damaged trainer state does not stop its weights from loading.
+    problem = check_files(directory, digest=False, only=(CONFIG_NAME, WEIGHTS_NAME))
+    if problem:
+        raise ValueError(problem)
+    try:
+        return load_file(str(weights), device=map_location)
+    except Exception as e:  # safetensors' own error type; a cut file fails in its header check
+        raise ValueError(f"{weights} is damaged or not a safetensors file ({type(e).__name__}: {e})") from None
 
 
 def load_state_dict_checked(model: torch.nn.Module, state: dict, strict: bool = True) -> None:
@@ -120,7 +188,7 @@ def push_to_hub(model, repo_id: str, tokenizer=None, *, private: bool | None = N
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(model, tmp, tokenizer)
+        save_pretrained(model, tmp, tokenizer, manifest=False)  # the Hub keeps its own SHA-256s
         info = api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message,
                                  revision=revision, repo_type="model")
     return str(getattr(info, "commit_url", info))

@@ -279,3 +279,23 @@ def test_the_configured_loader_of_a_cache_is_the_batched_one(cache_dir):
     loader = build_pretrain_loader(cfg, 16, _Words(), 5, dataset=build_dataset(cfg, 16))
     assert isinstance(loader, CacheLoader) and not loader.on_device  # no GPU here: host memory
     assert [len(b["key"]) for b in loader] == [5] * 4
+
+
+@pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3)])
+def test_resumed_on_another_process_count_every_sample_is_read_once(cache_dir, old, new):
+    """The trainer's conversion of a map position (m3ae.training.trainer.convert_map_position)
+    holds for the cache's loader: the epoch's samples read before and after, once each."""
+    from m3ae.training.trainer import convert_map_position
+
+    before = [_loader(cache_dir, rank=r, world_size=old, batch_size=2) for r in range(old)]
+    read = []
+    for loader in before:
+        it = iter(loader)
+        read += next(it)["key"] + next(it)["key"]  # two batches on every rank
+    pos = convert_map_position([json.loads(json.dumps(b.state_dict())) for b in before], new)
+    after = [_loader(cache_dir, rank=r, world_size=new, batch_size=2) for r in range(new)]
+    for r, loader in enumerate(after):
+        loader.load_state_dict({**pos, "kind": "map", "world_size": new, "rank": r,
+                                "skips": before[0].skips.state_dict()})
+        read += [k for b in loader for k in b["key"]]
+    assert len(read) == len(set(read)) and len(read) >= 20 - new  # only the even-split leftovers go

@@ -47,7 +47,9 @@ def run(args) -> int:
     else:
         cfg = config_from_args(args)
     from ..training import TrainingDiverged
+    from ..training.checkpoint import CheckpointWriteError
     from ..training.distributed import env_rank_info
+    from ..training.trainer import RankFailed
 
     main = env_rank_info()[0] == 0
     try:
@@ -59,6 +61,11 @@ def run(args) -> int:
         if main:
             print(f"m3ae pretrain: {e}", file=sys.stderr)
         return 3
+    except (CheckpointWriteError, RankFailed) as e:
+        if args.debug:
+            raise
+        print(f"m3ae pretrain: error: {e}", file=sys.stderr)  # every rank: each log says why it stopped
+        return 4
     if main:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}; "
               f"data: {result.data_summary}")

@@ -311,7 +311,8 @@ class CacheLoader:
     The interface the trainer uses of :class:`m3ae.data.PretrainLoader`: iterating gives one
     epoch of batches (the last one smaller; with several ranks every rank gets
     ``N // world_size`` samples), ``state_dict()`` / ``load_state_dict()`` the exact position
-    (the same ``kind="map"`` state, so a resume with another process count converts it),
+    (the same ``kind="map"`` state as an indexable source's, so a resume with another process
+    count converts it, see :class:`EpochSampler`'s ``offset``),
     ``skips`` the counts. ``placement``: ``"auto"`` keeps the images in the training GPU's
     memory when they take under 40 % of what is free there, else in (memory-mapped) host
     memory; ``"cpu"`` always the latter."""
@@ -366,7 +367,8 @@ class CacheLoader:
 
     def state_dict(self) -> dict:
         return {"skips": self.skips.state_dict(), "world_size": self.world_size, "rank": self.rank,
-                "kind": "map", "epoch": self.sampler.epoch, "position": self.sampler.start + self._read}
+                "kind": "map", "epoch": self.sampler.epoch, "position": self.sampler.start + self._read,
+                "offset": self.sampler.offset}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("world_size", 1) != self.world_size:
@@ -375,7 +377,7 @@ class CacheLoader:
         if state.get("kind") != "map":
             raise DataError("the saved data position is for a stream source, this run reads a cache")
         self.skips.load_state_dict(state["skips"])
-        self.sampler.set_position(state["epoch"], state["position"])
+        self.sampler.set_position(state["epoch"], state["position"], state.get("offset", 0))
 
     def __iter__(self):
         epoch, start = self.sampler.epoch, self.sampler.start

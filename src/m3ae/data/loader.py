@@ -18,7 +18,9 @@ skip counts). For an indexable source ``loader.sampler.set_position(epoch, start
 holds, per worker, how many raw items it has handed out; on resume each worker replays its
 stream (shard order, shuffle buffer and mixture draws are functions of the seed, epoch and
 slot) and skips that many items *without decoding them*, then continues — nothing is repeated
-or skipped. The resumed run must use the same ``num_workers`` and world size (checked). The
+or skipped. The resumed run must use the same ``num_workers`` (checked); on another world
+size the trainer starts the interrupted epoch afresh with a note (reader slots do not map onto
+other slots), while an indexable position converts (``offset``, see :class:`EpochSampler`). The
 replay costs reading, not decoding, the skipped items; for an endless stream (a mixture or
 ``resample=true``) it grows with the run length.
 
@@ -100,6 +102,9 @@ class EpochSampler(Sampler):
     ``r`` of ``world_size`` takes positions ``r, r + world_size, ...``. With ``even`` each rank
     takes ``size // world_size`` of them, so all ranks run the same number of steps.
     ``set_position(epoch, start)`` restarts at sample ``start`` of this rank's share.
+    ``offset`` > 0 (a run resumed on another number of ranks) leaves out the first ``offset``
+    samples of the epoch's order, which the ranks before the resume read, and splits the rest;
+    it holds for that epoch only.
     """
 
     def __init__(self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0,
@@ -108,15 +113,16 @@ class EpochSampler(Sampler):
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.size, self.seed, self.shuffle = size, seed, shuffle
         self.rank, self.world_size, self.even = rank, world_size, even
-        self.epoch, self.start = 0, 0
+        self.epoch, self.start, self.offset = 0, 0, 0
 
-    def set_position(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+    def set_position(self, epoch: int, start: int = 0, offset: int = 0) -> None:
+        self.epoch, self.start, self.offset = epoch, start, offset
 
     def _share(self) -> int:
+        left = max(self.size - self.offset, 0)
         if self.even:
-            return self.size // self.world_size
-        return len(range(self.rank, self.size, self.world_size))
+            return left // self.world_size
+        return len(range(self.rank, left, self.world_size))
 
     def __len__(self) -> int:
         return max(self._share() - self.start, 0)
@@ -125,7 +131,7 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         aug = torch.randint(0, 2**62, (self.size,), generator=g)
-        return order[self.rank::self.world_size][: self._share()][self.start:], aug
+        return order[self.offset:][self.rank::self.world_size][: self._share()][self.start:], aug
 
     def indices(self) -> torch.Tensor:
         """This rank's remaining indices of the epoch, in order (what iterating yields, without
@@ -249,7 +255,8 @@ class PretrainLoader(DataLoader):
             state.update(kind="stream", epoch=self._epoch, num_workers=self.num_workers,
                          worker_pos={str(k): v for k, v in self._worker_pos.items()})
         else:
-            state.update(kind="map", epoch=self.sampler.epoch, position=self.sampler.start + self._read)
+            state.update(kind="map", epoch=self.sampler.epoch, position=self.sampler.start + self._read,
+                         offset=getattr(self.sampler, "offset", 0))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -260,11 +267,13 @@ class PretrainLoader(DataLoader):
         if state["kind"] == "stream":
             if not self.is_stream:
                 raise DataError("the saved data position is for a stream source, this run reads an indexable one")
-            if state["num_workers"] != self.num_workers:
+            if state["num_workers"] not in (None, self.num_workers):  # None: from the epoch's start
                 raise DataError(f"the stream position was saved with data.num_workers={state['num_workers']}; "
                                 f"resume with the same number (this run has {self.num_workers})")
             self._epoch = state["epoch"]
             self._worker_pos = {int(k): v for k, v in state["worker_pos"].items()}
+        elif state.get("offset"):
+            self.sampler.set_position(state["epoch"], state["position"], state["offset"])
         else:
             self.sampler.set_position(state["epoch"], state["position"])
 

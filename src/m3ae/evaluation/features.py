@@ -100,7 +100,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     model = M3AE.from_pretrained(directory).to(device).eval()
     text_encoder = None
     if (directory / TOKENIZER_NAME).is_file():
-        text_encoder = TextEncoder(load_tokenizer(directory / TOKENIZER_NAME), model.config.max_text_len)
+        try:
+            tokenizer = load_tokenizer(directory / TOKENIZER_NAME)
+        except Exception as e:  # the tokenizers library's own error type
+            raise ValueError(f"{directory / TOKENIZER_NAME} is damaged ({type(e).__name__}: {e})") from None
+        text_encoder = TextEncoder(tokenizer, model.config.max_text_len)
     elif need_tokenizer:
         raise FileNotFoundError(f"{directory} has no {TOKENIZER_NAME}; text inputs need the model's tokenizer")
     return model, text_encoder

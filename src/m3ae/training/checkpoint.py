@@ -2,20 +2,36 @@
 
 ``RUN/checkpoints/step_00001000/`` holds ``config.json`` + ``model.safetensors`` (a
 pretrained folder, loadable alone) and ``trainer_state.pt`` (optimizer, scheduler, step,
-random generators, data position). A folder is written under a temporary name and renamed
-when complete, so a crash never leaves a half-written checkpoint that looks finished.
+random generators, data position) and, written last, ``manifest.json`` (size and SHA-256 of
+each file). A folder is written under a temporary name and renamed when complete, so a crash
+never leaves a half-written checkpoint that looks finished; ``--resume latest`` checks the
+manifest and falls back past a damaged checkpoint, naming the file.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import torch
 
 from ..io import atomic_write
-from ..pretrained import WEIGHTS_NAME, save_pretrained
+from ..pretrained import CONFIG_NAME, WEIGHTS_NAME, check_files, save_pretrained, write_manifest
 
 STATE_NAME = "trainer_state.pt"
+# Test hook: M3AE_TEST_KILL_AT=<point>@<step> SIGKILLs the process at that point of the write
+# of that step's checkpoint, so the tests can show that no crash leaves one that looks complete.
+KILL_POINTS = ("after_weights", "after_optimizer", "before_rename")
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the message says where."""
+
+
+def _crash_point(name: str, step: int) -> None:
+    if os.environ.get("M3AE_TEST_KILL_AT") == f"{name}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -87,12 +103,25 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, tokenizer=None
         raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights at step {step}")
 
     def write(folder: Path) -> None:
-        save_pretrained(model, folder, tokenizer)
+        save_pretrained(model, folder, tokenizer, manifest=False)
+        _crash_point("after_weights", step)
         with open(folder / STATE_NAME, "wb") as f:
             torch.save(state, f)
+        _crash_point("after_optimizer", step)
+        write_manifest(folder)
+        _crash_point("before_rename", step)
 
-    # The same step may be written again (a resumed run that stops there): it is replaced.
-    final = atomic_write(checkpoint_dir(run_dir) / f"step_{step:08d}", write)
+    target = checkpoint_dir(run_dir) / f"step_{step:08d}"
+    try:
+        # The same step may be written again (a resumed run that stops there): it is replaced.
+        final = atomic_write(target, write)
+    except OSError as e:  # ENOSPC, EACCES, EDQUOT ...: atomic_write removed its temporary folder
+        where = f" at {e.filename}" if e.filename else ""
+        before = [p for p in list_checkpoints(run_dir) if p != target]
+        kept = f"the newest checkpoint is still {before[-1]}" if before else "there is no earlier checkpoint"
+        raise CheckpointWriteError(
+            f"could not write checkpoint {target}: {e.strerror or e}{where}; nothing of it was kept and "
+            f"{kept}. Free space or fix the permissions, then continue with --resume latest") from None
     found = list_checkpoints(run_dir)
     keep = kept_steps([checkpoint_step(p) for p in found], keep_last, keep_every,
                       None if protect is None else checkpoint_step(protect))
@@ -136,13 +165,33 @@ def clear_run(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """'latest' -> newest complete checkpoint of the run (None if there is none); else a path."""
+def damaged(ckpt: Path) -> str | None:
+    """None for a complete, undamaged checkpoint; else which file is missing or damaged."""
+    return check_files(ckpt, (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME))
+
+
+def resolve_resume(resume: str, run_dir: Path, say=print) -> Path | None:
+    """'latest' -> newest complete and undamaged checkpoint of the run (None if there is none),
+    saying which newer ones were passed over and why; else a path, which must be undamaged."""
     if resume == "latest":
+        root = checkpoint_dir(run_dir)
+        for tmp in sorted(root.glob(".step_*.tmp")) if root.is_dir() else []:
+            say(f"--resume latest: ignoring {tmp}, a checkpoint whose writing was cut off")
         found = list_checkpoints(run_dir)
-        return found[-1] if found else None
+        for ckpt in reversed(found):
+            problem = damaged(ckpt)
+            if problem is None:
+                return ckpt
+            say(f"--resume latest: passing over {ckpt.name}: {problem}")
+        if found:
+            raise ValueError(f"--resume latest: none of the {len(found)} checkpoint(s) in {root} is complete "
+                             f"(see above); resume from none of them, or start again with --overwrite")
+        return None
     path = Path(resume)
     if (path / STATE_NAME).is_file():
+        problem = damaged(path)
+        if problem:
+            raise ValueError(f"--resume {resume}: {problem}; pick another checkpoint, or --resume latest")
         return path
     hint = f"; the run's checkpoints are in {checkpoint_dir(run_dir)}/step_N, or use --resume latest"
     if not path.exists():
@@ -174,5 +223,9 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 def load_trainer_state(path: Path) -> dict:
-    return torch.load(Path(path) / STATE_NAME, map_location="cpu", weights_only=False)
+    file = Path(path) / STATE_NAME
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as e:  # a checkpoint without a manifest whose state file is damaged
+        raise ValueError(f"{file} is damaged ({type(e).__name__}: {e})") from None
 

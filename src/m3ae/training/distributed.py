@@ -114,6 +114,32 @@ def gather_objects(obj, info: DistInfo) -> list:
     return out
 
 
+def control_group(info: DistInfo):
+    """A gloo group beside an NCCL one, for the per-step stop flag: a CPU all-reduce of one
+    number does not wait for the GPU's queue as an NCCL one read on the host would. None
+    (the default group) when the default group is gloo already, or in one process."""
+    if not info.distributed or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def first_failure(failed: str | None, info: DistInfo, group=None) -> tuple[int, str] | None:
+    """Collective: ``(rank, message)`` of the lowest rank whose ``failed`` is not None, on every
+    rank, or None when no rank failed. A rank that stops alone leaves the others waiting in the
+    next collective until the process-group timeout; asking this at the step boundary lets
+    all of them stop together."""
+    if not info.distributed:
+        return None if failed is None else (0, failed)
+    flag = torch.tensor([info.rank if failed is not None else info.world_size], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    src = int(flag)
+    if src == info.world_size:
+        return None
+    box = [failed]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return src, box[0]
+
+
 def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
     """DDP (default) or FSDP2 around ``module``; unchanged in a single process.
 
@@ -146,4 +172,4 @@ def wrap_model(module: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
 
 
 __all__ = ["DistInfo", "env_rank_info", "init_distributed", "shutdown_distributed", "all_reduce_sum",
-           "barrier", "broadcast_object", "gather_objects", "wrap_model"]
+           "barrier", "broadcast_object", "gather_objects", "control_group", "first_failure", "wrap_model"]

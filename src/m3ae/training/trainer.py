@@ -7,7 +7,9 @@ restoring a checkpoint), runs the steps and the callbacks around them: JSON-line
 (TensorBoard / W&B optional) and a tqdm bar every ``log_every`` steps, reconstruction
 pictures, atomic checkpoints for exact resume, and the stop after too many non-finite steps
 in a row (checked when device values are read anyway: at log, picture and checkpoint
-steps). Only rank 0 writes files.
+steps). Only rank 0 writes files, and only while it holds the run folder's lock
+(:mod:`m3ae.training.runlock`). A rank that fails outside the step's own collectives (its
+data, rank 0's files) tells the others at the next step boundary, and all stop together.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ from tqdm.auto import tqdm
 
 from ..config import Config
 from ..data import build_dataset, build_pretrain_loader, build_text_encoder
+from ..data.decode import DataError
 from ..model import M3AE
 from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
-from .checkpoint import (clear_run, config_changes, last_good_after_resume, load_trainer_state,
-                         refuse_existing_run, resolve_resume, save_checkpoint)
-from .distributed import (DistInfo, barrier, broadcast_object, gather_objects, init_distributed,
-                          shutdown_distributed)
+from .checkpoint import (CheckpointWriteError, clear_run, config_changes, last_good_after_resume,
+                         load_trainer_state, refuse_existing_run, resolve_resume, save_checkpoint)
+from .distributed import (DistInfo, barrier, broadcast_object, control_group, first_failure, gather_objects,
+                          init_distributed, shutdown_distributed)
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
 from .nonfinite import overflow_message, streak_message
@@ -37,6 +40,16 @@ from .step import TrainStep
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message says where and what to try."""
+
+
+class RankFailed(RuntimeError):
+    """Another rank stopped with an error; the message is that rank's."""
+
+
+# What a rank's failure becomes on the other ranks: the same kind, so the same exit code and
+# the same one-line message everywhere (anything else arrives as RankFailed).
+_SHARED_ERRORS = {cls.__name__: cls for cls in (DataError, TrainingDiverged, CheckpointWriteError,
+                                                 FileNotFoundError, FileExistsError, ValueError)}
 
 
 @dataclass
@@ -113,8 +126,15 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
 def _resume_target(resume: str | None, run_dir: Path, info: DistInfo) -> Path | None:
     if not resume:
         return None
-    ckpt = resolve_resume(resume, run_dir) if info.is_main else None
-    found = broadcast_object(None if ckpt is None else str(ckpt), info)
+    ckpt, problem = None, None
+    if info.is_main:
+        try:
+            ckpt = resolve_resume(resume, run_dir, say=tqdm.write)
+        except (FileNotFoundError, ValueError) as e:
+            problem = e
+    found, problem = broadcast_object((None if ckpt is None else str(ckpt), problem), info)
+    if problem is not None:
+        raise problem
     if found is None and info.is_main:
         tqdm.write(f"--resume {resume}: no checkpoint in {run_dir / 'checkpoints'} yet; starting a new run "
                    "at step 0")
@@ -172,14 +192,38 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
 
 def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, max_steps: int | None,
               info: DistInfo, overwrite: bool = False) -> PretrainResult:
-    run = _Run(cfg, run_dir, resume, max_steps, info, overwrite)
-    interrupt = StopOnInterrupt().start()  # Ctrl-C: finish the step, save, then stop
+    lock = _take_lock(run_dir, info)
     try:
-        run.loop(progress, interrupt)
+        run = _Run(cfg, run_dir, resume, max_steps, info, overwrite)
+        interrupt = StopOnInterrupt().start()  # Ctrl-C: finish the step, save, then stop
+        try:
+            run.loop(progress, interrupt)
+        finally:
+            interrupt.stop()
+            run.logger.close()
+        return run.finish()
     finally:
-        interrupt.stop()
-        run.logger.close()
-    return run.finish()
+        if lock is not None:
+            lock.release()
+
+
+def _take_lock(run_dir: Path, info: DistInfo):
+    """Rank 0 takes the run folder's lock before anything in it is read or written; every
+    rank refuses together when another run holds it."""
+    from .runlock import RunFolderLocked, RunLock
+
+    lock, problem = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(run_dir).acquire(say=tqdm.write)
+        except RunFolderLocked as e:
+            problem = str(e)
+        except OSError as e:  # an unwritable --out: said once, on every rank
+            problem = f"cannot create the run folder's lock {Path(run_dir) / '.lock'}: {e.strerror or e}"
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise RunFolderLocked(problem)
+    return lock
 
 
 class _Run:
@@ -219,13 +263,22 @@ class _Run:
         self.history: list[dict] = []
         self.vis_batch = None
         self.saved_at = self.start_step
+        self._deferred: str | None = None  # a failure of rank 0's own files, told at the next step boundary
+        self._control = control_group(info)
 
     def _restore(self, st: dict, ckpt: Path) -> None:
         self.step.load_state_dict(st, str(ckpt))
         self.start_step = st["step"]
         self.last_good_ckpt = last_good_after_resume(ckpt, st)  # written before any streak
         _set_rng_state(st, self.info.device)
-        self.stream.load_state(_data_position(st, self.info, ckpt))
+        position, note = _data_position(st, self.info, ckpt)
+        if position.get("offset") and not hasattr(getattr(self.loader, "sampler", None), "offset"):
+            position = afresh(position)  # this source's sampler cannot start at an offset
+            note = (f"note: this data source cannot continue epoch {position['epoch']} of {ckpt} on "
+                    f"{self.info.world_size} processes; the epoch starts afresh; the skip counts continue")
+        if note and self.info.is_main:
+            tqdm.write(note)
+        self.stream.load_state(position)
         if self.info.is_main:  # also without a progress bar: which checkpoint a run continued from matters
             tqdm.write(f"resumed from {ckpt} at step {self.start_step}")
             changed = config_changes(st.get("config", self.cfg.to_dict()), self.cfg.to_dict())
@@ -240,7 +293,11 @@ class _Run:
         self._t_last, self._n_last = time.perf_counter(), 0
         try:
             for step in bar:
-                micro = [next(self.stream) for _ in range(tcfg.accum_steps)]
+                try:
+                    micro = [next(self.stream) for _ in range(tcfg.accum_steps)]
+                except Exception as e:
+                    self._stop_together(e)
+                self._stop_together(None)
                 if self.vis_batch is None and micro[0].get("image") is not None:
                     self.vis_batch = micro[0]
                 self.step(step, micro)
@@ -251,8 +308,41 @@ class _Run:
                         self._save(step + 1)
                     raise TrainingInterrupted(step + 1, self.run_dir / "checkpoints" / f"step_{step + 1:08d}",
                                               self.run_dir)
+            self._stop_together(None)
         finally:
             bar.close()
+
+    def _stop_together(self, error: BaseException | None) -> None:
+        """Collective, at a step boundary: raise on every rank when any rank failed (this one
+        with ``error``, or rank 0 earlier with a deferred failure), with that rank's message."""
+        if error is None and self._deferred is not None:
+            error, self._deferred = RankFailed(self._deferred), None
+        if not self.info.distributed:
+            if error is not None:
+                raise error
+            return
+        told = None if error is None else f"{type(error).__name__}\0{error}"
+        failure = first_failure(told, self.info, self._control)
+        if failure is None:
+            return
+        src, told = failure
+        kind, msg = told.split("\0", 1)
+        if not msg.startswith("rank "):
+            msg = f"rank {src} of {self.info.world_size} stopped the run: {msg}"
+        if error is not None and kind not in _SHARED_ERRORS:
+            raise error  # this rank's own unexpected error: keep its traceback
+        raise _SHARED_ERRORS.get(kind, RankFailed)(msg) from None
+
+    def _on_main(self, fn, *args, **kwargs) -> None:
+        """Rank 0's own writes (metrics rows, pictures): a failure waits for the next step
+        boundary, where every rank stops with it (the others are in a collective by then)."""
+        if not self.info.distributed:
+            fn(*args, **kwargs)
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:
+            self._deferred = self._deferred or f"{type(e).__name__}: {e}"
 
     def _after_step(self, done: int, bar) -> None:
         """The callbacks. Device values are read only here, at log and checkpoint steps (the
@@ -266,9 +356,9 @@ class _Run:
             self._log(done, bar)
         if self._pictures_due(done):
             g = torch.Generator(device=self.info.device).manual_seed(1234)
-            save_reconstruction_grid(self.model, self.vis_batch,
-                                     self.run_dir / "reconstructions" / f"step_{done:08d}.png",
-                                     self.text_encoder, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
+            self._on_main(save_reconstruction_grid, self.model, self.vis_batch,
+                          self.run_dir / "reconstructions" / f"step_{done:08d}.png",
+                          self.text_encoder, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
         if ckpt:
             path = self._save(done)
             if not self.step.in_bad_streak():  # "good": written before a streak of non-finite steps
@@ -298,7 +388,7 @@ class _Run:
         row.update(data.metrics())
         self._t_last, self._n_last = now, 0
         self.history.append(row)
-        self.logger.log(row)
+        self._on_main(self.logger.log, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", img=f"{row['image_loss']:.3f}", txt=f"{row['text_loss']:.3f}",
                         acc=f"{row['text_accuracy']:.2f}", sps=f"{row['samples_per_s']:.0f}",
                         **({"skipped": data.postfix()} if data.postfix() else {}))
@@ -312,30 +402,44 @@ class _Run:
         # Every rank's data position: shard streams are at different places on different ranks.
         data_states = gather_objects(self.stream.state(), info)
         streak, last_good = self.step.bad_streak(), self.last_good_ckpt
-        path = None
+        path, problem = None, None
         if info.is_main:
             state = {"step": done, **step_state, **_rng_state(info.device), "data": data_states[0],
                      "data_per_rank": data_states, "world_size": info.world_size, "config": cfg.to_dict(),
                      "nonfinite_streak": streak, "last_good": last_good.name if last_good is not None else None}
-            path = save_checkpoint(self.run_dir, done, weights, state, self.text_encoder.tokenizer,
-                                   keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
-                                   protect=last_good if streak else None)
-        barrier(info)  # nobody runs ahead (or exits) while rank 0 is still writing
+            try:
+                path = save_checkpoint(self.run_dir, done, weights, state, self.text_encoder.tokenizer,
+                                       keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
+                                       protect=last_good if streak else None)
+            except CheckpointWriteError as e:
+                problem = str(e)
+        # Nobody runs ahead (or exits) while rank 0 is still writing, and all stop if it failed.
+        problem = broadcast_object(problem, info)
+        if problem:
+            raise CheckpointWriteError(problem)
         self.saved_at = done
         return path
 
     def finish(self) -> PretrainResult:
         done_any = self.end_step > self.start_step
+        problem = None
         if done_any:
             weights = self.step.full_weights()
             if self.info.is_main:
                 from ..pretrained import save_pretrained
 
-                save_pretrained(weights, self.run_dir / "final", self.text_encoder.tokenizer)
-                if self.logger.path.exists():
+                try:
+                    save_pretrained(weights, self.run_dir / "final", self.text_encoder.tokenizer)
+                except OSError as e:
+                    problem = (f"could not write the final model to {self.run_dir / 'final'}: {e.strerror or e}"
+                               f"{f' at {e.filename}' if e.filename else ''}; the checkpoints are intact "
+                               f"(--resume latest writes it again)")
+                if problem is None and self.logger.path.exists():
                     plot_loss_curve(self.logger.path, self.run_dir / "loss_curve.png")
         summary = _data_counts(self.loader, self.info).summary()  # for the run's final line
-        barrier(self.info)
+        problem = broadcast_object(problem, self.info)
+        if problem:
+            raise CheckpointWriteError(problem)
         last = self.history[-1] if done_any and self.history else {}
         return PretrainResult(self.run_dir, self.end_step, last.get("loss", float("nan")), self.history,
                               int(self.step.skipped), summary)
@@ -372,24 +476,55 @@ def _load_weights(model: M3AE, ckpt: Path) -> dict:
     return load_trainer_state(ckpt)
 
 
-def _data_position(st: dict, info: DistInfo, ckpt: Path) -> dict:
-    """This rank's data position from a checkpoint, converted when the process count changed."""
+def _data_position(st: dict, info: DistInfo, ckpt: Path) -> tuple[dict, str | None]:
+    """This rank's data position from a checkpoint, converted when the process count changed,
+    and a note for the user when the conversion cannot keep the position.
+
+    On a change the skip counts of all old ranks go to the new rank 0 (the rest start at 0),
+    so the sums that the metrics show continue. An indexable ("map") position converts for
+    any world size: see :func:`convert_map_position`. A stream's per-worker positions do not
+    map onto other reader slots, so its epoch starts afresh, said in the note."""
+    from ..data import SkipCounter
+
     world, old_world = info.world_size, st.get("world_size", 1)
     per_rank = st.get("data_per_rank") or [st["data"]]
-    data = dict(per_rank[info.rank] if old_world == world and len(per_rank) == world else per_rank[0])
-    if old_world == world:
-        return data
-    if data.get("kind") != "map":
-        raise ValueError(f"{ckpt} was written by {old_world} processes reading a shard stream; "
-                         f"resume it with {old_world} processes")
-    # The strided shares of W processes after p samples each cover the first W x p of the
-    # epoch order, so the position converts when it divides evenly.
-    seen = data["position"] * old_world
-    if seen % world:
-        raise ValueError(f"{ckpt} was written by {old_world} processes at epoch position {seen}, "
-                         f"which {world} processes cannot split evenly; resume with {old_world}")
-    data.update(position=seen // world, world_size=world, rank=info.rank)
-    return data
+    if old_world == world and len(per_rank) == world:
+        return dict(per_rank[info.rank]), None
+    total = SkipCounter.merged([d["skips"] for d in per_rank])
+    skips = total.state_dict() if info.rank == 0 else SkipCounter().state_dict()
+    data = dict(per_rank[0], skips=skips, world_size=world, rank=info.rank)
+    converted = convert_map_position(per_rank, world) if data.get("kind") == "map" else None
+    if converted is not None:
+        data.update(converted)
+        return data, None
+    return afresh(data), (f"note: {ckpt} was written by {old_world} processes reading a "
+                          f"{'stream' if data.get('kind') == 'stream' else 'source'} whose position cannot be "
+                          f"mapped onto {world}; epoch {data.get('epoch', 0)} starts afresh (its samples read "
+                          f"before the checkpoint are read again); the skip counts continue")
+
+
+def afresh(data: dict) -> dict:
+    """A data position moved back to the start of its epoch (counts kept)."""
+    if data.get("kind") == "stream":
+        return dict(data, worker_pos={}, num_workers=None)  # None: whatever this run's loader has
+    return dict(data, position=0, offset=0)
+
+
+def convert_map_position(per_rank: list[dict], world: int) -> dict | None:
+    """An epoch position of W ranks as one for ``world`` ranks, reading every sample of the
+    epoch once over the whole run.
+
+    Rank r of W reads positions ``offset + r, offset + r + W, ...`` of the epoch's order, so
+    after p samples each the ranks have read exactly the first ``offset + W * p``. The new
+    ranks split the rest: with no offset when that count divides by the new world size (the
+    same order an uninterrupted run of that size reads), else from an offset."""
+    first = per_rank[0]
+    if any(d.get("epoch") != first["epoch"] or d["position"] != first["position"] for d in per_rank):
+        return None  # not an even split (a source of another kind): nothing to convert
+    read = first.get("offset", 0) + first["position"] * len(per_rank)
+    if read % world == 0:
+        return {"epoch": first["epoch"], "position": read // world, "offset": 0}
+    return {"epoch": first["epoch"], "position": 0, "offset": read}
 
 
 def _data_counts(loader, info: DistInfo):

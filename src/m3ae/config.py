@@ -134,6 +134,9 @@ class DataConfig:
     # then float and normalise (the earlier path; ~0.04/255 apart on average). docs/data.md.
     image_backend: str = "tensor"
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    # webdataset pre-training: "cuda" decodes each batch's JPEGs on the GPU (nvJPEG, batched) and
+    # crops, resizes and flips there; the workers only read headers. "cpu": per sample in the workers.
+    decode_device: str = "cpu"
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
     tokenizer_cased: bool = False  # tokenizer="from-data": keep upper case
     tokenizer_keep_accents: bool = False  # tokenizer="from-data": keep accents (e.g. Vietnamese)

@@ -224,9 +224,11 @@ class PretrainLoader(DataLoader):
     """A DataLoader that counts skipped samples, drops batches left empty by them, and can
     save and restore its exact position (see the module docstring)."""
 
-    def __init__(self, dataset, *, skips: SkipCounter, rank: int = 0, world_size: int = 1, **kw):
+    def __init__(self, dataset, *, skips: SkipCounter, rank: int = 0, world_size: int = 1,
+                 device_decoder=None, **kw):
         super().__init__(dataset, **kw)
         self.skips, self.rank, self.world_size = skips, rank, world_size
+        self.device_decoder = device_decoder  # data.decode_device: finishes each batch's images
         self._epoch = 0
         self._worker_pos: dict[int, int] = {}
         self._read = 0
@@ -265,6 +267,8 @@ class PretrainLoader(DataLoader):
             self.dataset.epoch, self.dataset.resume_pos = self._epoch, dict(self._worker_pos)
         self._read, good = 0, 0
         for batch in super().__iter__():
+            if self.device_decoder is not None and "jpeg" in batch:
+                batch = self.device_decoder(batch)
             n = batch.get("num_read", len(batch["key"]))
             self._read += n
             if "stream_pos" in batch:

@@ -181,6 +181,10 @@ class TrainConfig:
     strategy: str = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard, large models)
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory)
     compile: bool = False  # torch.compile the training step
+    # CUDA: deterministic kernels (torch.use_deterministic_algorithms, cuBLAS's fixed workspace),
+    # so that a resumed run matches an uninterrupted one bit for bit; a little slower. CPU
+    # kernels are deterministic already (docs/training.md, "Checkpoints, resume").
+    deterministic: bool = False
     # CPU training (glibc): freed memory stays in the process instead of going back to the
     # OS, so the next step does not page-fault its big buffers back in (~10% of a bench-cpu
     # step, benchmarks/RESULTS.md). Process-wide; RSS then stays at the step's high-water mark.

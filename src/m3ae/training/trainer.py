@@ -162,6 +162,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     # the newest checkpoint is the only sensible thing for a restarted worker to do.
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume, overwrite = "latest", False
+    if cfg.train.deterministic:
+        # Read when cuBLAS makes its first handle, so before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a run never dies of it
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(cfg.train.device)
     try:

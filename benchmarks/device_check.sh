@@ -143,10 +143,10 @@ M3AE_GPU_TEST_DEVICE=$DEV M3AE_REQUIRE_SHARED_DATA=1 part a_pytest_gpu 240 "$A" 
 B=$OUT/b_throughput.log
 if [ $DRY = 1 ]; then
   size=(--preset tiny --batch 8 --text-len 16 --steps 2 --warmup 1 --burst-s 0.02 --device cpu --threads 1)
-  part b_eager_bf16 60 "$B" "$WORK/b1.json" "$PY" benchmarks/train_throughput.py "${size[@]}" train.precision=bf16 --json "$WORK/b1.json"
+  part b_eager_bf16 90 "$B" "$WORK/b1.json" "$PY" benchmarks/train_throughput.py "${size[@]}" train.precision=bf16 --json "$WORK/b1.json"
   skip b_compiled_bf16 "torch.compile on the CPU takes minutes here; the device run compiles"
-  part b_eager_fp32_tf32 60 "$B" "$WORK/b3.json" "$PY" benchmarks/train_throughput.py "${size[@]}" --json "$WORK/b3.json"
-  part b_memory 60 "$B" "$WORK/b4.json" "$PY" benchmarks/memory.py --config tiny --batch 4 --device cpu --json "$WORK/b4.json"
+  part b_eager_fp32_tf32 90 "$B" "$WORK/b3.json" "$PY" benchmarks/train_throughput.py "${size[@]}" --json "$WORK/b3.json"
+  part b_memory 90 "$B" "$WORK/b4.json" "$PY" benchmarks/memory.py --config tiny --batch 4 --device cpu --json "$WORK/b4.json"
 else
   size=(--preset base --batch 256 --text-len 64 --device cuda --nominal-peak-tflops 790)
   part b_eager_bf16 75 "$B" "$WORK/b1.json" "$PY" benchmarks/train_throughput.py "${size[@]}" --steps 20 --warmup 5 train.precision=bf16 --json "$WORK/b1.json"

@@ -12,11 +12,13 @@
 # --budget-s N: the overall deadline (default 530 s, inside the device call's 9 minutes).
 # Environment: PYTHON (default python3), OUT (default device_check_out), M3AE_SHARED (the shared
 # folder to take data and fixtures from, default ../shared), M3AE_WHEELS (wheels to carry,
-# default .whl), M3AE_OFFICIAL_REPO (young-geng/m3ae_public: an extracted tree or a git dir).
+# default .whl), M3AE_OFFICIAL_REPO (young-geng/m3ae_public: an extracted tree or a git dir),
+# JAX_PYTHON (the python that runs part (c), default PYTHON: a separate JAX venv here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
+JPY=${JAX_PYTHON:-$PY}
 DRY=0 PAYLOAD="" ASSEMBLE_ONLY=0 BUDGET=530
 while [ $# -gt 0 ]; do
   case $1 in
@@ -160,12 +162,12 @@ fi
 C=$OUT/c_official_jax.log
 if [ ! -f "$PAYLOAD/official/m3ae/m3ae_main.py" ]; then
   skip c_official_jax "the official code is not in the payload (M3AE_OFFICIAL_REPO was unset when it was assembled)"
-elif ! "$PY" -c "import jax, flax, optax, ml_collections" >> "$C" 2>&1; then
-  skip c_official_jax "jax, flax, optax or ml_collections is not installed for $PY"
+elif ! "$JPY" -c "import jax, flax, optax, ml_collections" >> "$C" 2>&1; then
+  skip c_official_jax "jax, flax, optax or ml_collections is not installed for $JPY"
 elif [ $DRY = 1 ]; then
-  part c_official_jax 90 "$C" "$WORK/c.json" "$PY" benchmarks/official_jax_step.py --official-repo "$PAYLOAD/official" --size bench-cpu --batch 4 --steps 1 --warmup 0 --threads 1 --json "$WORK/c.json"
+  part c_official_jax 150 "$C" "$WORK/c.json" "$JPY" benchmarks/official_jax_step.py --official-repo "$PAYLOAD/official" --size bench-cpu --batch 4 --steps 1 --warmup 0 --threads 1 --json "$WORK/c.json"
 else
-  part c_official_jax 120 "$C" "$WORK/c.json" "$PY" benchmarks/official_jax_step.py --official-repo "$PAYLOAD/official" --size h200 --steps 10 --warmup 3 --threads 0 --json "$WORK/c.json"
+  part c_official_jax 120 "$C" "$WORK/c.json" "$JPY" benchmarks/official_jax_step.py --official-repo "$PAYLOAD/official" --size h200 --steps 10 --warmup 3 --threads 0 --json "$WORK/c.json"
 fi
 
 # (d) GPU JPEG decode + augmentation at 256 px on COCO photos
@@ -195,8 +197,16 @@ import json, sys
 parts = [json.loads(line) for line in open(sys.argv[1])]
 summary = {"dry_run": sys.argv[4] == "1", "wall_s": int(sys.argv[5]), "machine": open(sys.argv[2]).read().strip(),
            "ok": all(p["status"] == "ok" or p["status"].startswith("skipped") for p in parts), "parts": parts}
+# The side-by-side figure: our step's samples/s over the official JAX step's, same device and size.
+res = {p["part"]: p.get("result") or {} for p in parts}
+official = res.get("c_official_jax", {}).get("samples_per_s")
+if official:
+    summary["vs_official"] = {name: round(res[name]["samples_per_s"] / official, 2) for name in
+                              ("b_eager_bf16", "b_compiled_bf16", "b_eager_fp32_tf32") if res.get(name, {}).get("samples_per_s")}
 json.dump(summary, open(sys.argv[3], "w"), indent=1)
 for p in parts:
     print(f"{p['part']:22s} {p['status']} ({p['seconds']} s)")
+if "vs_official" in summary:
+    print("samples/s over the official JAX step's:", summary["vs_official"])
 print(f"wall {summary['wall_s']} s; {'all parts ok or skipped' if summary['ok'] else 'SOME PARTS FAILED'}; {sys.argv[3]}")
 EOF

@@ -180,7 +180,9 @@ E=$OUT/e_reproduce.log
 if ! "$PY" experiments/reproduce.py --help 2>/dev/null | grep -q -- "--budget-s"; then
   skip e_reproduce_gpu "experiments/reproduce.py has no --mode gpu --budget-s yet"
 elif [ $DRY = 1 ]; then
-  part e_reproduce_gpu 90 "$E" "" "$PY" experiments/reproduce.py --mode gpu --smoke --device cpu
+  # --out/--docs: the rehearsal leaves the working tree's docs/ as they are
+  part e_reproduce_gpu 120 "$E" "" "$PY" experiments/reproduce.py --mode gpu --smoke --device cpu \
+    --out "$WORK/reproduce" --docs "$WORK/docs"
 else
   left=$((DEADLINE - $(date +%s) - 20))
   if [ $left -lt 90 ]; then skip e_reproduce_gpu "only ${left}s left"; else

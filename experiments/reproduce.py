@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Reproduce the M3AE paper's four claims at small scale, with one command.
 
-    python experiments/reproduce.py --mode quick            # ~35 min on 2 busy CPU cores
-    python experiments/reproduce.py --mode full --device cuda
-    python experiments/reproduce.py --mode quick --report   # tables and plots from the JSON only
+    python experiments/reproduce.py --mode standard --processes 2 &   # twice: ~90 min on 2 CPU cores
+    python experiments/reproduce.py --mode standard --processes 2
+    python experiments/reproduce.py --mode gpu --budget-s 330 --device cuda
+    python experiments/reproduce.py --mode gpu --smoke --device cpu   # the gpu mode's code in seconds
+    python experiments/reproduce.py --mode standard --report          # tables and plots from the JSON only
 
 Claims (Geng et al. 2022) and how each is tested here, on Tiny-ImageNet with WordNet captions
 (pre-training, linear probe) and CIFAR-10 (OOD):
@@ -23,8 +25,16 @@ its pre-training output and a ``result.json``. A run whose ``result.json`` exist
 an interrupted pre-training resumes from its latest checkpoint. Starting the same command
 in a second terminal shares out the runs (a run being worked on holds ``running.pid``), which
 is how to use more than one core or GPU. ``--report`` turns the JSON
-into ``docs/results.md``, ``docs/results/<mode>.json`` and the PNG plots; no number in the
-report is typed by hand.
+into ``docs/results.md`` (the standard mode; other modes into ``docs/results/<mode>.md``),
+``docs/results/<mode>.json`` and the PNG plots; no number in the report is typed by hand.
+
+Modes with ``steps="plan"`` (standard, gpu) size themselves: before training, the first
+process times a few steps of each model kind and one checkpoint's evaluation on this machine,
+then picks the largest step count (a multiple of 50) at which every run of the mode and its
+evaluation fit ``--budget-s`` with ``--processes`` processes sharing them out, dropping the
+ablations before any seed when even the smallest budget does not fit. It prints the plan and
+writes ``plan.json``, which every later process reads. Modes with ``cache=True`` decode each
+dataset once into an image cache (``m3ae cache build``) and pre-train with ``data.source=cache``.
 """
 from __future__ import annotations
 
@@ -41,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from m3ae.config import PRESETS
+from m3ae.io import atomic_write
 from m3ae.pretrained import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,12 +78,46 @@ MODES: dict[str, dict] = {
                      warmup=40, probe_train=10000, val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50,
                      seeds=(0, 1, 2), ablations=True, paired_fractions=(0.1,), text_mask_ratios=(0.15,),
                      pool="cls", pictures=True, attention_rows=4),
+    # The 32-px design of 2026-11-30 (inconclusive), kept for its report: docs/results/standard32.md.
+    "standard32": dict(preset="tiny", model=dict(image_size=32, patch_size=4), text_len=64, vocab=4096,
+                       classes=100, caption_limit=None, train_shards=None, steps=600, batch_size=128, lr=2e-3,
+                       warmup=40, probe_train=10000, val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50,
+                       seeds=(0, 1, 2), ablations=True, paired_fractions=(0.1,), text_mask_ratios=(0.15,),
+                       pool="cls", pictures=True, attention_rows=4),
+    # 64 px with 8 px patches (the same 8x8 token grid as standard32, so the same transformer
+    # cost), images from a cache, the step count planned to fit 90 min on 2 CPU cores.
+    "standard": dict(preset="tiny", model=dict(image_size=64, patch_size=8), text_len=64, vocab=4096,
+                     classes=100, caption_limit=None, train_shards=None, steps="plan", budget_s=5400,
+                     step_range=(600, 2400), batch_size=128, lr=2e-3, warmup_fraction=1 / 15, probe_train=10000,
+                     val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50, fewshot=10, seeds=(0, 1, 2),
+                     ablations=True, paired_fractions=(0.1,), text_mask_ratios=(0.15,), pool="cls",
+                     pictures=True, attention_rows=4, cache=True),
+    # A GPU: ViT-S/8 at 64 px on every Tiny-ImageNet caption pair in --data (all 200 classes),
+    # bf16, the steps planned to fit --budget-s. The LR is not tuned (1e-3 at batch 256).
+    "gpu": dict(preset="small", model=dict(image_size=64, patch_size=8), text_len=64, vocab=8192,
+                caption_limit=None, train_shards=None, steps="plan", budget_s=330, step_range=(200, 20000),
+                batch_size=256, lr=1e-3, warmup_fraction=0.05, probe_train=20000, val=10000, cifar_test=5000,
+                cifar_train=10000, probe_epochs=50, fewshot=10, seeds=(0, 1, 2), ablations=True,
+                paired_fractions=(0.1,), text_mask_ratios=(0.15,), pool="cls", pictures=True, attention_rows=4,
+                cache=True, precision="bf16"),
     # 64 px with 8 px patches (the same 8x8 token grid), all 40k pairs, ~20 epochs, full eval sets.
     "full": dict(preset="tiny", model=dict(image_size=64, patch_size=8), text_len=32, vocab=8192,
                  caption_limit=None, train_shards=8, steps=6000, batch_size=128, lr=1.5e-3, warmup=300,
                  probe_train=40000, val=10000, cifar_test=10000, cifar_train=25000, probe_epochs=90,
                  seeds=(0, 1, 2), ablations=True, pictures=True, attention_rows=4),
 }
+
+# --smoke: a planned, cached mode's code path at the smoke mode's sizes, in seconds on a CPU.
+SMOKE = dict(preset="tiny", text_len=16, vocab=256, caption_limit=300, train_shards=1, classes=None, budget_s=60,
+             step_range=(3, 3), batch_size=8, lr=1e-3, probe_train=96, val=48, cifar_test=48, cifar_train=48,
+             probe_epochs=3, fewshot=2, seeds=(0,), ablations=False, precision="fp32", plan_steps=2,
+             caption_check=32)
+
+
+def smoke_of(mode: dict) -> dict:
+    """``mode`` at smoke size: the same structure (cache, plan, readouts), tiny numbers."""
+    return {**mode, **SMOKE, "model": {**mode["model"], "image_size": 32, "patch_size": 4}}
+
 
 # The paper's numbers (ViT-B/16, 50 epochs on CC12M; ImageNet linear probe; CIFAR OOD).
 PAPER = {
@@ -176,6 +221,13 @@ def train_tokenizer(out: Path, data: Path, mode: dict) -> Path:
     path = out / "tokenizer.json"
     if path.is_file():
         return path
+    if mode.get("cache"):  # the library's reader: captions cleaned as pre-training sees them
+        from m3ae.config import DataConfig
+        from m3ae.data import source_captions
+
+        cfg = DataConfig(source="cache", urls=str(cache_path(out, "tin-train", mode)))
+        captions = list(source_captions(cfg, limit=mode["caption_limit"] or 10**9))
+        return _save_once(train_wordpiece(captions, vocab_size=mode["vocab"]), path)
     captions = []
     for shard in shards(data, TIN, "train", mode["train_shards"]).split("::"):
         with tarfile.open(shard, "r|*") as tf:
@@ -186,8 +238,11 @@ def train_tokenizer(out: Path, data: Path, mode: dict) -> Path:
                         break
         if mode["caption_limit"] and len(captions) >= mode["caption_limit"]:
             break
-    tok = train_wordpiece(captions, vocab_size=mode["vocab"])
-    out.mkdir(parents=True, exist_ok=True)
+    return _save_once(train_wordpiece(captions, vocab_size=mode["vocab"]), path)
+
+
+def _save_once(tok, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tok.save(str(tmp))
     try:
@@ -198,17 +253,44 @@ def train_tokenizer(out: Path, data: Path, mode: dict) -> Path:
     return path
 
 
-def build_run_config(spec: RunSpec, mode: dict, data: Path, tokenizer: Path, device: str):
+# Every set a mode reads: (folder, split, how many; None = all). The probe's training images
+# are the first ``probe_train`` of the pre-training set, as in the streaming modes.
+CACHE_SETS = {"tin-train": (TIN, "train", None), "tin-val": (TIN, "val", "val"),
+              "cifar-test": ("cifar10", "test", "cifar_test"), "cifar-train": ("cifar10", "train", "cifar_train")}
+
+
+def cache_path(out: Path, name: str, mode: dict) -> Path:
+    return out / "caches" / f"{name}-{mode['model']['image_size']}px"
+
+
+def build_caches(data: Path, out: Path, mode: dict, progress: bool) -> None:
+    """Each dataset decoded once, at the model's image size, into ``out/caches`` (reused by
+    every run and every later call)."""
+    from m3ae.data.cache import build_cache, is_cache, source_config
+
+    for name, (folder, split, size_key) in CACHE_SETS.items():
+        path = cache_path(out, name, mode)
+        if is_cache(path):
+            continue
+        n = mode["train_shards"] if split == "train" and folder == TIN else None
+        limit = mode[size_key] if size_key else None
+        build_cache([source_config(shards(data, folder, split, n))], path, mode["model"]["image_size"],
+                    progress=progress, limit=limit)
+
+
+def build_run_config(spec: RunSpec, mode: dict, data: Path, tokenizer: Path, device: str, out: Path | None = None):
     from m3ae.config import build_config
     from m3ae.tokenizer import load_tokenizer
 
     m, steps = mode, mode["steps"]
     overrides = [f"model.{k}={v}" for k, v in m["model"].items()] + [
         f"model.vocab_size={load_tokenizer(tokenizer).get_vocab_size()}",
-        "data.source=webdataset", f"data.urls={shards(data, TIN, 'train', m['train_shards'])}",
+        *(["data.source=cache", f"data.urls={cache_path(out or tokenizer.parent, 'tin-train', m)}"]
+          if m.get("cache") else
+          ["data.source=webdataset", f"data.urls={shards(data, TIN, 'train', m['train_shards'])}"]),
         f"data.tokenizer={tokenizer}", f"data.text_len={m['text_len']}",
-        # The webdataset reader's shuffle buffer draws from an unseeded RNG; reading the shards
-        # in order (they were shuffled when built) gives every run the same data order.
+        # The shards were shuffled when built: read in order, no shuffle buffer is needed, and
+        # the order is a function of the seed alone for every run (MAE and M3AE alike).
         "data.shuffle_buffer=0",
         f"train.steps={steps}", f"train.batch_size={m['batch_size']}", f"train.lr={m['lr']}",
         f"train.warmup_steps={m['warmup']}", f"train.seed={spec.seed}", f"train.device={device}",
@@ -241,21 +323,21 @@ def eval_images(data: Path, out: Path, mode: dict, size: int) -> dict:
     sets = {"tin-train": (TIN, "train", mode["probe_train"]), "tin-val": (TIN, "val", mode["val"]),
             "cifar-test": ("cifar10", "test", mode["cifar_test"]),
             "cifar-train": ("cifar10", "train", mode["cifar_train"])}
+    where = {name: str(cache_path(out, name, mode)) if mode.get("cache") else shards(data, folder, split)
+             for name, (folder, split, _) in sets.items()}
     cache = out / "eval_cache"
     cache.mkdir(parents=True, exist_ok=True)
     loaded = {}
     for name, (folder, split, limit) in sets.items():
         path = cache / f"{name}-{size}px-{limit}.pt"
         if not path.is_file():
-            labelled = load_labelled(shards(data, folder, split), size, limit=limit)
+            labelled = load_labelled(where[name], size, limit=limit)
             images, labels = [], []
             for batch in make_loader(labelled, None, 256):
                 images.append(batch["image"].half())
                 labels.append(batch["label"])
             blob = {"images": torch.cat(images), "labels": torch.cat(labels), "classes": labelled.class_names}
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: torch.save(blob, tmp))
         loaded[name] = torch.load(path, weights_only=False)
     return loaded
 
@@ -279,28 +361,61 @@ def encode(model, blob: dict, batch_size: int = 500) -> dict:
     return {p: Features(torch.cat(f).numpy(), labels, keys, blob["classes"]) for p, f in feats.items()}
 
 
+def few_shot(f, k: int, seed: int):
+    """``k`` labelled examples per class of ``f`` (drawn with ``seed``, the same for every model)."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(f.labels), dtype=bool)
+    for c in np.unique(f.labels):
+        idx = np.flatnonzero(f.labels == c)
+        keep[rng.choice(idx, size=min(k, len(idx)), replace=False)] = True
+    return _subset(f, keep)
+
+
 def probe_checkpoint(model, sets: dict, mode: dict, seed: int) -> tuple[dict, dict]:
-    """Linear probe (+ kNN) of every pool on Tiny-ImageNet val -> (results, features)."""
+    """Linear probe (+ kNN) of every pool on Tiny-ImageNet val, and with ``mode["fewshot"]``
+    a linear probe trained on that many images per class -> (results, features)."""
     from m3ae.evaluation import linear_probe
 
     train, val = encode(model, sets["tin-train"]), encode(model, sets["tin-val"])
     probes = {p: linear_probe(train[p], val[p], epochs=mode["probe_epochs"], seed=seed) for p in POOLS}
+    if mode.get("fewshot"):
+        for p in POOLS:  # the same images for every model and checkpoint (seed 0)
+            probes[f"{p}/fewshot"] = linear_probe(few_shot(train[p], mode["fewshot"], 0), val[p],
+                                                  epochs=mode["probe_epochs"], seed=seed)
     return probes, {"train": train, "val": val}
+
+
+def ood_eval(model, sets: dict, feats: dict, probe, mode: dict, seed: int) -> dict:
+    """Far OOD (Tiny-ImageNet val vs CIFAR-10 test) and near OOD (CIFAR-10 classes 0-4 vs 5-9)."""
+    from m3ae.evaluation import ood_scores
+
+    pool = mode.get("pool", "cls")
+    c = {k: encode(model, sets[k])[pool] for k in ("cifar-test", "cifar-train")}
+    far = ood_scores(feats["train"][pool], feats["val"][pool], c["cifar-test"], probe=probe)
+    near = ood_scores(_subset(c["cifar-train"], c["cifar-train"].labels < 5),
+                      _subset(c["cifar-test"], c["cifar-test"].labels < 5),
+                      _subset(c["cifar-test"], c["cifar-test"].labels >= 5),
+                      probe_epochs=mode["probe_epochs"], seed=seed)
+    return {"ood_far": {"metrics": far.metrics, "id_accuracy": far.id_accuracy,
+                        "n_id": len(feats["val"][pool]), "n_ood": len(c["cifar-test"])},
+            "ood_near": {"metrics": near.metrics, "id_accuracy": near.id_accuracy,
+                         "n_id": int((c["cifar-test"].labels < 5).sum()),
+                         "n_ood": int((c["cifar-test"].labels >= 5).sum())}}
 
 
 def evaluate_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: str, progress: bool,
                  out: Path | None = None) -> dict:
     """Linear probe on Tiny-ImageNet val of the final model (every pool) and of the kept
     checkpoints (the probe curve); for the main runs also OOD AUROCs."""
-    from m3ae.evaluation import load_model, ood_scores
+    from m3ae.evaluation import load_model
 
     model, _ = load_model(run_dir / "final", device)
     sets = eval_images(data, out or run_dir.parent, mode, model.config.image_size)
     pool = mode.get("pool", "cls")
     probes, feats = probe_checkpoint(model, sets, mode, spec.seed)
     res = {"probe": probes[pool].as_dict(), "probes": {p: r.as_dict() for p, r in probes.items()}, "pool": pool}
-    curve = []
     final_step = mode["steps"]
+    curve = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1])):
         step = int(ckpt.name.split("_")[1])
         if step == final_step:
@@ -311,18 +426,8 @@ def evaluate_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: s
     res["curve"] = curve
     n_images = (len(sets["tin-train"]["labels"]) + len(sets["tin-val"]["labels"])) * max(1, len(curve))
     if spec.ood:
-        c = {k: encode(model, sets[k])[pool] for k in ("cifar-test", "cifar-train")}
-        far = ood_scores(feats["train"][pool], feats["val"][pool], c["cifar-test"], probe=probes[pool].probe)
-        near = ood_scores(_subset(c["cifar-train"], c["cifar-train"].labels < 5),
-                          _subset(c["cifar-test"], c["cifar-test"].labels < 5),
-                          _subset(c["cifar-test"], c["cifar-test"].labels >= 5),
-                          probe_epochs=mode["probe_epochs"], seed=spec.seed)
-        res["ood_far"] = {"metrics": far.metrics, "id_accuracy": far.id_accuracy,
-                          "n_id": len(feats["val"][pool]), "n_ood": len(c["cifar-test"])}
-        res["ood_near"] = {"metrics": near.metrics, "id_accuracy": near.id_accuracy,
-                           "n_id": int((c["cifar-test"].labels < 5).sum()),
-                           "n_ood": int((c["cifar-test"].labels >= 5).sum())}
-        n_images += len(c["cifar-test"]) + len(c["cifar-train"])
+        res.update(ood_eval(model, sets, feats, probes[pool].probe, mode, spec.seed))
+        n_images += len(sets["cifar-test"]["labels"]) + len(sets["cifar-train"]["labels"])
     res["eval_images"] = n_images
     return res
 
@@ -388,22 +493,7 @@ def _take(run_dir: Path) -> bool:
     """Mark ``run_dir`` as being worked on by this process; False when another live process
     on this machine has it. So the same command started twice shares out the runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / "running.pid"
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(lock.read_text().strip() or 0)
-            os.kill(pid, 0)  # raises when no such process: the lock is stale
-            return pid == os.getpid()
-        except (ValueError, ProcessLookupError):
-            lock.unlink(missing_ok=True)
-            return _take(run_dir)
-        except PermissionError:  # alive, someone else's
-            return False
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True
+    return _take_file(run_dir / "running.pid")
 
 
 def do_run(spec: RunSpec, mode: dict, data: Path, out: Path, tokenizer: Path, device: str,
@@ -433,7 +523,7 @@ def _do_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, tokenizer: Pat
     from m3ae.training import pretrain
 
     result_path = run_dir / "result.json"
-    cfg = build_run_config(spec, mode, data, tokenizer, device)
+    cfg = build_run_config(spec, mode, data, tokenizer, device, run_dir.parent)
     started = time.time()
     t0 = time.perf_counter()
     # Re-running after an interruption continues from the newest checkpoint.
@@ -444,7 +534,7 @@ def _do_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, tokenizer: Pat
     ev = evaluate_run(spec, mode, data, run_dir, device, progress, out=run_dir.parent)
     t_eval = time.perf_counter() - t0
     if spec.kind == "m3ae":
-        ev["caption_diag"] = caption_diagnostic(run_dir, data, device)
+        ev["caption_diag"] = caption_diagnostic(run_dir, data, device, mode.get("caption_check", 2000))
     pictures = save_pictures(spec, mode, data, run_dir, device) if mode["pictures"] and spec.ood and \
         spec.seed == mode["seeds"][0] else []
     result = {
@@ -458,6 +548,145 @@ def _do_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, tokenizer: Pat
     write_json_atomic(result_path, result)  # a result file is complete or absent
     return result
 
+
+# ------------------------------------------------------------------------------- planning
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def measure(mode: dict, data: Path, out: Path, tokenizer: Path, device: str) -> dict:
+    """What one process spends here: samples/s of each model kind's pre-training (``m3ae
+    pretrain`` itself on the mode's data, after its first log window), one checkpoint's probe
+    evaluation, one OOD evaluation and one caption diagnostic."""
+    import tempfile
+
+    from m3ae.evaluation import load_model
+    from m3ae.training import pretrain
+
+    n = mode.get("plan_steps", 15)
+    every = max(1, n // 3)
+    rates, cost = {}, {}
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for spec in (RunSpec("m3ae", 0), RunSpec("mae", 0, ["data.paired_fraction=0.0"], kind="mae",
+                                                 paired_fraction=0.0)):
+            cfg = build_run_config(spec, dict(mode, steps=n, warmup=1), data, tokenizer, device, out)
+            cfg.train.log_every, cfg.train.ckpt_every, cfg.train.keep_every = every, 0, 0
+            run = Path(tmp) / spec.name
+            res = pretrain(cfg, run, progress=False)
+            windows = [r["samples_per_s"] for r in res.history[1:]] or [res.history[-1]["samples_per_s"]]
+            rates[spec.kind] = float(np.median(windows))
+        model, _ = load_model(Path(tmp) / "m3ae" / "final", device)
+        sets = eval_images(data, out, mode, model.config.image_size)
+        (probes, feats), cost["probe_checkpoint_s"] = _timed(lambda: probe_checkpoint(model, sets, mode, 0))
+        pool = mode.get("pool", "cls")
+        _, cost["ood_s"] = _timed(lambda: ood_eval(model, sets, feats, probes[pool].probe, mode, 0))
+        _, cost["caption_diag_s"] = _timed(lambda: caption_diagnostic(Path(tmp) / "m3ae", data, device,
+                                                                      mode.get("caption_check", 2000)))
+    return {"samples_per_s": rates, **cost, "timed_steps": n}
+
+
+def plan(mode: dict, specs: list, measured: dict, budget_s: float, processes: int, spent_s: float) -> dict:
+    """The largest step count (a multiple of 50 within ``mode["step_range"]``) at which every
+    run and its evaluation fit ``budget_s`` of wall time with ``processes`` processes, from the
+    measured costs; without the ablations when even the smallest does not fit."""
+    lo, hi = mode["step_range"]
+    n_curve = 4  # the probe curve: a checkpoint at every quarter, the last one the final model
+
+    def costs(runs):
+        per_step = sum(mode["batch_size"] / measured["samples_per_s"][r.kind] for r in runs)
+        evals = sum(n_curve * measured["probe_checkpoint_s"] + (measured["ood_s"] if r.ood else 0)
+                    + (measured["caption_diag_s"] if r.kind == "m3ae" else 0) for r in runs)
+        return per_step, evals
+
+    left = (budget_s - spent_s) * processes
+    dropped: list[str] = []
+    runs = list(specs)
+    while True:
+        per_step, evals = costs(runs)
+        steps = int((left - evals) / per_step) // 50 * 50 if left > evals else 0
+        ablations = [r for r in runs if not r.ood]
+        if steps >= lo or not ablations:
+            break
+        dropped.append(ablations[-1].name)  # ablations go before any seed
+        runs.remove(ablations[-1])
+    fits = steps >= lo
+    steps = min(max(steps, lo), hi)
+    per_step, evals = costs(runs)
+    return {"steps": steps, "warmup": max(1, round(steps * mode.get("warmup_fraction", 0.05))),
+            "runs": [r.name for r in runs], "dropped": dropped, "fits": fits, "budget_s": budget_s,
+            "processes": processes, "planning_s": spent_s,
+            "estimated_wall_s": spent_s + (evals + steps * per_step) / processes, "measured": measured}
+
+
+def plan_text(p: dict, mode: dict) -> str:
+    m = p["measured"]
+    rate = ", ".join(f"{k} {v:.0f} samples/s" for k, v in m["samples_per_s"].items())
+    dropped = f"; left out to fit: {', '.join(p['dropped'])}" if p["dropped"] else ""
+    over = "" if p["fits"] else f" (the smallest budget, {p['steps']} steps, does not fit: expect longer)"
+    return (f"plan: {p['steps']} steps of batch {mode['batch_size']} for {len(p['runs'])} runs "
+            f"({', '.join(p['runs'])}){dropped}{over}; measured per process: {rate}, one checkpoint's probes "
+            f"{m['probe_checkpoint_s']:.0f} s, OOD {m['ood_s']:.0f} s, caption check {m['caption_diag_s']:.0f} s; "
+            f"estimated wall {p['estimated_wall_s'] / 60:.1f} min of the {p['budget_s'] / 60:.1f} min budget with "
+            f"{p['processes']} process(es)")
+
+
+def prepare(mode: dict, data: Path, out: Path, device: str, args) -> tuple[dict, Path, list]:
+    """Caches, tokenizer and (planned modes) the plan, made by the first process while later
+    ones wait for its ``plan.json``. -> (the mode with its steps, tokenizer, run specs)."""
+    t_start = time.perf_counter()
+    lock = out / "prepare.lock"
+    done = out / "plan.json"
+    specs = run_specs(mode)
+    mine = not done.is_file() and _take_file(lock)
+    if not done.is_file() and not mine:
+        print(f"waiting for the process preparing {out} (caches, tokenizer, plan)", flush=True)
+        while not done.is_file():
+            if not _take_file(lock):
+                time.sleep(2)
+                continue
+            mine = True
+            break
+    if mine and not done.is_file():
+        try:
+            if mode.get("cache"):
+                build_caches(data, out, mode, progress=not args.no_progress)
+            tokenizer = train_tokenizer(out, data, mode)
+            if mode["steps"] == "plan":
+                budget = args.budget_s or mode["budget_s"]
+                measured = measure(mode, data, out, tokenizer, device)
+                p = plan(mode, specs, measured, budget, args.processes, time.perf_counter() - t_start)
+            else:
+                p = {"steps": mode["steps"], "warmup": mode["warmup"], "runs": [r.name for r in specs]}
+            write_json_atomic(done, p)
+        finally:
+            lock.unlink(missing_ok=True)
+    p = json.loads(done.read_text())
+    if "measured" in p:
+        print(plan_text(p, mode), flush=True)
+    mode = dict(mode, steps=p["steps"], warmup=p["warmup"])
+    return mode, out / "tokenizer.json", [r for r in specs if r.name in p["runs"]]
+
+
+def _take_file(lock: Path) -> bool:
+    """Create ``lock`` holding our pid; False when another live process holds it (a dead one's
+    is taken over)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)  # raises when no such process: the lock is stale
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError):
+            lock.unlink(missing_ok=True)
+            return _take_file(lock)
+        except PermissionError:
+            return False
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
 
 
 # ------------------------------------------------------------------------------ report
@@ -510,6 +739,31 @@ def compare_noise(diff: float, noise: float) -> str:
     return "inconclusive (difference within seed spread)"
 
 
+# Every readout of a run's encoder: (key in result["probes"] and in its curve points, field).
+READOUTS = {"linear probe, CLS": ("cls", "top1"), "linear probe, mean": ("mean", "top1"),
+            "kNN, CLS": ("cls", "knn_top1"), "kNN, mean": ("mean", "knn_top1"),
+            "few-shot probe, CLS": ("cls/fewshot", "top1"), "few-shot probe, mean": ("mean/fewshot", "top1")}
+
+
+def readout_summary(m3ae: list[dict], mae: list[dict]) -> tuple[dict, dict]:
+    """Claim 1 on every readout of the final models (top-1 %, gap statistics, the strict
+    verdict) and along training: {readout: {step: {"m3ae": [...], "mae": [...]}}}."""
+    final, curve = {}, {}
+    for label, (key, field_) in READOUTS.items():
+        vals = {kind: [100 * r["probes"][key][field_] for r in rs if key in r.get("probes", {})]
+                for kind, rs in (("m3ae", m3ae), ("mae", mae))}
+        if vals["m3ae"] or vals["mae"]:
+            final[label] = {**vals, **gap_stats(vals["m3ae"], vals["mae"]),
+                            "verdict": compare_strict(vals["m3ae"], vals["mae"])}
+        for kind, rs in (("m3ae", m3ae), ("mae", mae)):
+            for r in rs:
+                for point in r.get("curve", []):
+                    if key in point:
+                        curve.setdefault(label, {}).setdefault(str(point["step"]), {"m3ae": [], "mae": []})[
+                            kind].append(100 * point[key][field_])
+    return final, curve
+
+
 def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
     """The numbers the report shows, from the per-run results."""
     def by(kind=None, pf=None, tm=None, seed=None):
@@ -550,6 +804,7 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
                 "m3ae_top1": a, "mae_top1": b, **gap_stats(a, b), "verdict": compare_strict(a, b),
                 "m3ae_knn": [100 * r["probes"][pool]["knn_top1"] for r in m3ae if pool in r.get("probes", {})],
                 "mae_knn": [100 * r["probes"][pool]["knn_top1"] for r in mae if pool in r.get("probes", {})]}
+    s["readouts"], s["readout_curve"] = readout_summary(m3ae, mae)
     for kind, rs in (("mae", mae), ("m3ae", m3ae)):
         for r in rs:
             for point in r.get("curve", []):
@@ -668,18 +923,39 @@ def make_plots(s: dict, docs: Path) -> list[str]:
     paths = [str(path)]
     if s.get("curve"):
         paths.append(plot_curve(s, out / f"{s['mode']}_curve.png"))
+    if s.get("readout_curve"):
+        paths.append(plot_readouts(s, out / f"{s['mode']}_readouts.png"))
     return paths
 
 
 def plot_curve(s: dict, path: Path) -> str:
     """Probe top-1 against pre-training steps, one line per run, for every pool."""
+    pools = [p for p in POOLS if any(p in s["curve"].get(k, {}) for k in ("mae", "m3ae"))]
+    series = {f"linear probe on the {'CLS token' if pool == 'cls' else 'mean of image tokens'}":
+              {kind: s["curve"].get(kind, {}).get(pool, {}) for kind in ("mae", "m3ae")} for pool in pools}
+    return _plot_series(series, s["claim1"].get("chance"), path)
+
+
+def plot_readouts(s: dict, path: Path) -> str:
+    """Every readout against pre-training steps (MAE vs M3AE, one line per seed)."""
+    series = {label: {kind: {step: v[kind] for step, v in c.items()} for kind in ("mae", "m3ae")}
+              for label, c in s["readout_curve"].items()}
+    return _plot_series(series, s["claim1"].get("chance"), path, columns=2)
+
+
+def _plot_series(series: dict, chance, path: Path, columns: int = 0) -> str:
+    """One panel per entry of ``series`` ({title: {kind: {step: [value per seed]}}})."""
     import matplotlib.pyplot as plt
 
-    pools = [p for p in POOLS if any(p in s["curve"].get(k, {}) for k in ("mae", "m3ae"))]
-    fig, axes = plt.subplots(1, len(pools), figsize=(5.2 * len(pools), 3.6), squeeze=False)
-    for ax, pool in zip(axes[0], pools):
+    n = len(series)
+    cols = columns or n
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (title, by_kind) in zip(axes.flat, series.items()):
         for kind, color, label in (("mae", "tab:gray", "MAE"), ("m3ae", "tab:blue", "M3AE")):
-            pts = s["curve"].get(kind, {}).get(pool, {})
+            pts = by_kind.get(kind, {})
             steps = sorted(pts, key=int)
             if not steps:
                 continue
@@ -688,12 +964,11 @@ def plot_curve(s: dict, path: Path) -> str:
             for j in range(runs.shape[1]):
                 ax.plot(x, runs[:, j], "o-", color=color, alpha=0.35, lw=1, ms=3)
             ax.plot(x, runs.mean(1), "-", color=color, lw=2.2, label=f"{label} (mean of {runs.shape[1]} seeds)")
-        chance = s["claim1"].get("chance")
         if chance:
             ax.axhline(chance, ls=":", color="r", lw=1, label="chance")
         ax.set_xlabel("pre-training step")
-        ax.set_ylabel("Tiny-ImageNet val probe top-1 (%)")
-        ax.set_title(f"linear probe on the {'CLS token' if pool == 'cls' else 'mean of image tokens'}", fontsize=9)
+        ax.set_ylabel("Tiny-ImageNet val top-1 (%)")
+        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -731,7 +1006,7 @@ def _pool_table(s: dict) -> list[str]:
     return L
 
 
-def _curve_text(s: dict, docs: Path) -> list[str]:
+def _curve_text(s: dict, rel) -> list[str]:
     if not s.get("curve"):
         return []
     L = ["", "Probe top-1 on the checkpoints kept during pre-training (mean over seeds):", "",
@@ -744,13 +1019,13 @@ def _curve_text(s: dict, docs: Path) -> list[str]:
             for kind in ("mae", "m3ae"):
                 cells.append(_fmt([_mean(s["curve"].get(kind, {}).get(p, {}).get(str(step), []))], 2))
         L.append(f"| {step} | " + " | ".join(cells) + " |")
-    L += ["", f"![probe curve](results/{s['mode']}_curve.png)"]
+    L += ["", f"![probe curve]({rel(Path(s['_docs']) / 'results' / (s['mode'] + '_curve.png'))})"]
     return L
 
 
 def _design_text(s: dict, docs: Path) -> list[str]:
-    """Why the standard mode is built as it is, with the pilot's measured numbers."""
-    if s["mode"] != "standard":
+    """Why the 32-px standard mode (now standard32) was built as it was, with its pilot's numbers."""
+    if s["mode"] != "standard32":
         return []
     m = s["settings"]
     L = ["## How the standard mode was designed", "",
@@ -769,12 +1044,12 @@ def _design_text(s: dict, docs: Path) -> list[str]:
          "about 10x slower here).",
          "- **Both probes reported**: the CLS token (the paper's readout, the verdict) and the mean of the "
          "image tokens.", ""]
-    pilot = docs / "results" / "standard_pilot.json"
+    pilot = docs / "results" / "standard32_pilot.json"
     if pilot.is_file():
         pj = json.loads(pilot.read_text())
         t = pj["probe_top1"]
         steps = sorted(t["mae"], key=int)
-        L += ["A one-seed pilot with a 1,200-step schedule (`docs/results/standard_pilot.json`) fixed the "
+        L += ["A one-seed pilot with a 1,200-step schedule (`docs/results/standard32_pilot.json`) fixed the "
               "budget and the readout: probe top-1 (%) at its checkpoints:", "",
               "| step | MAE CLS | M3AE CLS | MAE mean | M3AE mean |", "|---|---|---|---|---|"]
         for k in steps:
@@ -850,11 +1125,63 @@ def _reading(s: dict) -> list[str]:
     return ["**Reading.** " + " ".join(L), ""] if L else []
 
 
+def page_path(docs: Path, mode_name: str) -> Path:
+    """docs/results.md for the standard mode, docs/results/<mode>.md for the others."""
+    return docs / "results.md" if mode_name == "standard" else docs / "results" / f"{mode_name}.md"
+
+
+def _readouts_text(s: dict, rel) -> list[str]:
+    """Claim 1 on every readout, and how the gap moved along training."""
+    r = s.get("readouts")
+    if not r:
+        return []
+    L = ["", "Every readout of the final encoders (top-1 %, Tiny-ImageNet val; the few-shot probe trains on "
+         f"{s['settings'].get('fewshot', '–')} images per class, the same images for every model):", "",
+         "| readout | MAE (seeds) | M3AE (seeds) | gap | larger seed std | gap / std | verdict |",
+         "|---|---|---|---|---|---|---|"]
+    for label, v in r.items():
+        L.append(f"| {label} | {_fmt(v['mae'], 2)} | {_fmt(v['m3ae'], 2)} | {v['gap']:+.2f} | {v['max_std']:.2f} | "
+                 f"{v['gap_over_std']:.1f} | {v['verdict']} |")
+    curve = s.get("readout_curve", {})
+    steps = sorted({int(k) for c in curve.values() for k in c})
+    if steps:
+        labels = [x for x in r if x in curve]
+        L += ["", "The gap along training (mean M3AE − mean MAE, points; every kept checkpoint):", "",
+              "| step | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+        for step in steps:
+            cells = []
+            for label in labels:
+                v = curve[label].get(str(step))
+                cells.append(f"{_mean(v['m3ae']) - _mean(v['mae']):+.2f}" if v and v["m3ae"] and v["mae"] else "–")
+            L.append(f"| {step} | " + " | ".join(cells) + " |")
+        L += ["", f"![readouts along training]({rel(Path(s['_docs']) / 'results' / (s['mode'] + '_readouts.png'))})"]
+    return L
+
+
+def _plan_section(s: dict) -> list[str]:
+    p = s.get("plan")
+    if not p or "measured" not in p:
+        return []
+    m = p["measured"]
+    return ["## How the step count was chosen", "",
+            f"Measured on this machine before training (`plan.json`; {m['timed_steps']} timed steps of each model "
+            "kind, one checkpoint's evaluation): pre-training "
+            + ", ".join(f"{k.upper()} {v:.0f} samples/s" for k, v in m["samples_per_s"].items())
+            + f" per process; one checkpoint's probes {m['probe_checkpoint_s']:.0f} s, OOD {m['ood_s']:.0f} s, "
+            f"caption check {m['caption_diag_s']:.0f} s. With {p['processes']} process(es) and a budget of "
+            f"{p['budget_s'] / 60:.0f} min, the largest step count that fits every run is **{p['steps']}** "
+            f"(estimated wall {p['estimated_wall_s'] / 60:.1f} min)"
+            + (f"; left out to fit: {', '.join(p['dropped'])}" if p["dropped"] else "")
+            + ("" if p["fits"] else "; even the smallest budget did not fit, so the run took longer") + ".", ""]
+
+
 def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
     m = s["settings"]
     c1, c2, c3, c4 = s["claim1"], s["claim2"], s["claim3"], s["claim4"]
     small = [k for k in c2["top1"] if 0 < float(k) < 1]  # the paired fractions below 100 %
-    rel = lambda p: os.path.relpath(p, docs)  # noqa: E731
+    path = page_path(docs, s["mode"])
+    rel = lambda p: os.path.relpath(p, path.parent)  # noqa: E731
+    s = dict(s, _docs=str(docs))
     seeds = ", ".join(str(x) for x in m["seeds"])
     arch = PRESETS[m["preset"]]
     L = []
@@ -864,7 +1191,8 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           f"**Mode: `{s['mode']}`.** Numbers are Tiny-ImageNet / CIFAR-10 measurements of a "
           f"{m['preset']}-preset model after {m['steps']} steps; the paper's are ViT-B/16 after "
           "50 epochs on CC12M, so only the *direction* of each claim is comparable. "
-          "Values with several seeds are shown as mean (seed values).", ""] + _headline(s) + _design_text(s, docs) + [
+          "Values with several seeds are shown as mean (seed values).", ""] + _headline(s) + _design_text(s, docs) + \
+        _plan_section(s) + [
           "## Verdicts", "",
           "| claim | paper | here | verdict |", "|---|---|---|---|",
           f"| 1. M3AE transfers better than MAE (linear probe top-1) | 61.3 vs 44.6 | "
@@ -917,7 +1245,7 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           f"| M3AE | {PAPER['claim1']['m3ae']} | {_fmt(c1['m3ae_top1'])} | {_fmt(c1['m3ae_top5'])} | {_fmt(c1['m3ae_knn'])} |",
           "", f"Rows above: the `{c1.get('pool', 'cls')}` probe. Every pool, with the bar the verdict applies "
           "(every M3AE seed above every MAE seed, and a mean gap of at least 3x the larger seed standard "
-          "deviation):", ""] + _pool_table(s) + _curve_text(s, docs) + _caption_text(s) + [
+          "deviation):", ""] + _pool_table(s) + _readouts_text(s, rel) + _curve_text(s, rel) + _caption_text(s) + [
           "", "## Claim 2: fraction of paired captions", "",
           "| paired fraction | paper top-1 | top-1 here |", "|---|---|---|"]
     for k, v in c2["top1"].items():
@@ -937,7 +1265,7 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
         L.append(f"| {what} | (probe accuracy on in-dist. test) | | | {_fmt(acc['mae'])} | {_fmt(acc['m3ae'])} |")
     L += ["", "## Plots and pictures", "", f"![claims]({rel(pictures[0])})", ""]
     for p in pictures[1:]:
-        if p.endswith("_curve.png"):
+        if p.endswith(("_curve.png", "_readouts.png")):
             continue
         L.append(f"![{Path(p).stem}]({rel(p)})")
     t = s["timing"]
@@ -984,22 +1312,43 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "interrupted and resumed run continues the same data order as its partner.",
           "- The text mask ratio ablation with one seed cannot separate ratios whose effect is smaller "
           "than the seed spread.", ""]
-    path = docs / "results.md"
-    path.write_text("\n".join(L))
+    L += _other_pages(docs, s["mode"], rel)
+    atomic_write(path, "\n".join(L))
     return path
 
 
-def report(out: Path, docs: Path, mode_name: str) -> Path:
-    """Summary JSON, plots and docs/results.md from the runs' result.json files (or, when the
-    run folders are gone, from the summary saved by an earlier report)."""
-    mode = MODES[mode_name]
+def _other_pages(docs: Path, mode_name: str, rel) -> list[str]:
+    """Links between the generated pages (the standard mode's and the others')."""
+    pages = [p for p in sorted((docs / "results").glob("*.md")) if p.stem in MODES and p.stem != mode_name]
+    if mode_name != "standard" and (docs / "results.md").is_file():
+        pages.insert(0, docs / "results.md")
+    if not pages:
+        return []
+    return ["## Other modes", ""] + [f"- [{'standard' if p.name == 'results.md' else p.stem}]({rel(p)})"
+                                      for p in pages] + [""]
+
+
+def report(out: Path, docs: Path, mode_name: str, mode: dict | None = None) -> Path:
+    """Summary JSON, plots and docs/results.md (the standard mode; other modes
+    docs/results/<mode>.md) from the runs' result.json files (or, when the run folders are
+    gone, from the summary saved by an earlier report)."""
+    mode = mode or MODES[mode_name]
+    plan_file = out / "plan.json"
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}
     summary_path = docs / "results" / f"{mode_name}.json"
     pictures = []
+    if plan_file.is_file():
+        p = json.loads(plan_file.read_text())
+        mode = dict(mode, steps=p["steps"], warmup=p["warmup"])
+    if results and mode["steps"] == "plan":  # no plan.json beside them: the runs say
+        r0 = next(iter(results.values()))
+        mode = dict(mode, steps=r0["steps"], warmup=r0.get("config", {}).get("train", {}).get("warmup_steps"))
     if results:
         s = summarize(results, mode_name, mode)
+        if plan_file.is_file():
+            s["plan"] = p
         summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(s, indent=2))
+        write_json_atomic(summary_path, s)
         for name, r in sorted(results.items()):
             for p in r.get("pictures", []):
                 if Path(p).is_file():
@@ -1017,6 +1366,12 @@ def report(out: Path, docs: Path, mode_name: str) -> Path:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=sorted(MODES), default="quick")
+    p.add_argument("--smoke", action="store_true",
+                   help="the mode's code path at smoke size (seconds on a CPU; the numbers mean nothing)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="planned modes: wall-clock seconds every run and its evaluation must fit in")
+    p.add_argument("--processes", type=int, default=1,
+                   help="planned modes: how many processes (started alike) share out the runs")
     p.add_argument("--data", default=os.environ.get("M3AE_SHARED_DATA", str(ROOT.parent / "shared" / "data")),
                    help="folder holding tiny-imagenet-captions/ and cifar10/ (default ../shared/data)")
     p.add_argument("--out", default=None, help="run folders (default runs/reproduce/<mode>)")
@@ -1033,8 +1388,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    mode = MODES[args.mode]
-    out = Path(args.out or ROOT / "runs" / "reproduce" / args.mode)
+    mode, name = MODES[args.mode], args.mode
+    if args.smoke:
+        mode, name = smoke_of(mode), f"{args.mode}-smoke"
+    out = Path(args.out or ROOT / "runs" / "reproduce" / name)
     docs = Path(args.docs)
     if not args.report:
         import torch
@@ -1048,8 +1405,8 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if mode.get("classes"):
             data = class_subset(data, out, mode["classes"])
-        tokenizer = train_tokenizer(out, data, mode)
-        specs = [s for s in run_specs(mode) if args.runs is None or s.name in args.runs]
+        mode, tokenizer, specs = prepare(mode, data, out, device, args)
+        specs = [s for s in specs if args.runs is None or s.name in args.runs]
         for i, spec in enumerate(specs):
             t0 = time.perf_counter()
             r = do_run(spec, mode, data, out, tokenizer, device, progress=not args.no_progress)
@@ -1059,7 +1416,7 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(specs)}] {spec.name}: probe top-1 {100 * r['probe']['top1']:.2f} % "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_report:
-        path = report(out, docs, args.mode)
+        path = report(out, docs, name, mode)
         print(f"report: {path}")
     return 0
 

@@ -96,10 +96,10 @@ def model_config(preset: str = "base", **overrides: Any) -> ModelConfig:
 class DataConfig:
     """Where samples come from and how they become tensors."""
 
-    # "synthetic", "webdataset", "hdf5", "table", "imagefolder", "text" or "mixture" (docs/data.md)
+    # "synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "cache" or "mixture" (docs/data.md)
     source: str = "synthetic"
     # Where the data is: shard paths/URLs/brace patterns (several joined by '::'), or the
-    # HDF5 file, table file, image folder, or text file/folder.
+    # HDF5 file, table file, image folder, text file/folder, or cache folder (m3ae cache build).
     urls: str = ""
     synthetic_size: int = 20000  # synthetic: number of distinct samples
     synthetic_seed: int = 0
@@ -137,6 +137,11 @@ class DataConfig:
     # webdataset pre-training: "cuda" decodes each batch's JPEGs on the GPU (nvJPEG, batched) and
     # crops, resizes and flips there; the workers only read headers. "cpu": per sample in the workers.
     decode_device: str = "cpu"
+    # source=cache: "auto" keeps the images in GPU memory when they fit (under 40 % of what is
+    # free), else in memory-mapped host memory; "cpu" always the latter.
+    cache_placement: str = "auto"
+    # source=cache: the batched crop's resampling, "bilinear" or "bicubic" (benchmarks/RESULTS.md).
+    cache_interpolation: str = "bilinear"
     tokenizer_vocab_size: int = 1000  # tokenizer="from-data": vocabulary size to train
     tokenizer_cased: bool = False  # tokenizer="from-data": keep upper case
     tokenizer_keep_accents: bool = False  # tokenizer="from-data": keep accents (e.g. Vietnamese)

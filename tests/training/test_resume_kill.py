@@ -2,6 +2,7 @@
 both with ``--resume latest`` and when ``torchrun --max-restarts`` restarts the worker."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,4 +91,35 @@ def test_torchrun_restarts_a_killed_worker_which_resumes(h, overrides, reference
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "resumed from" in stdout + stderr
+    _assert_same_as_reference(h, out, reference)
+
+
+@pytest.fixture(scope="module")
+def cache_overrides(overrides, tmp_path_factory) -> list[str]:
+    """The same run on an image cache of 24 samples (data.source=cache): 12 steps an epoch."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "data"))
+    from helpers import pair_shards
+
+    from m3ae.data.cache import build_cache, source_config
+
+    root = tmp_path_factory.mktemp("cache")
+    build_cache([source_config(pair_shards(root / "shards", 2, 12))], root / "cache", 32, progress=False)
+    return overrides + ["data.source=cache", f"data.urls={root / 'cache'}"]
+
+
+def test_sigkill_then_resume_from_a_cache_is_bit_identical(h, cache_overrides, tmp_path):
+    reference = tmp_path / "reference"
+    h.run_ok(h.pretrain_cmd(reference, cache_overrides))
+    rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["data/seen"] for r in rows] == [2 * r["step"] for r in rows]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(h.pretrain_cmd(out, cache_overrides), env=h.cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    _kill_when_checkpointed(proc, out, 3)
+    assert proc.wait(60) == -signal.SIGKILL
+    assert not (out / "final").exists()
+    p = h.run_ok(h.pretrain_cmd(out, cache_overrides, "--resume", "latest"))
+    assert "resumed from" in p.stdout + p.stderr
     _assert_same_as_reference(h, out, reference)

@@ -10,7 +10,7 @@ import os
 import sys
 
 # Subcommand modules, in the order `m3ae --help` lists them.
-COMMANDS = ["demo", "pretrain", "tokenizer", "embed", "linear-probe", "finetune", "ood", "zero-shot",
+COMMANDS = ["demo", "pretrain", "cache", "tokenizer", "embed", "linear-probe", "finetune", "ood", "zero-shot",
             "visualize", "convert-official", "export-timm"]
 
 

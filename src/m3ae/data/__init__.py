@@ -2,7 +2,8 @@
 
 Sources (``data.source``): ``synthetic`` (built-in shapes), ``webdataset`` (tar shards,
 local or remote), ``hdf5`` (the official M3AE layout), ``table`` (CSV/TSV/JSONL/Parquet),
-``imagefolder``, ``text``, and ``mixture`` (weighted combination of the others). See
+``imagefolder``, ``text``, ``cache`` (small images decoded once into one uint8 array, see
+:mod:`m3ae.data.cache`), and ``mixture`` (weighted combination of the others). See
 ``docs/data.md``.
 
 :func:`build_text_encoder` and :func:`build_pretrain_loader` turn a :class:`DataConfig` into
@@ -19,6 +20,7 @@ import torch
 
 from ..config import DataConfig
 from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer, train_wordpiece
+from .cache import CacheLoader, ImageCache
 from .collate import Collator, model_inputs
 from .decode import BadSample, DataError, DataNotFound, SkipCounter
 from .device_decode import DeferredPretrainTransform, DeviceDecoder, check_decode_device
@@ -33,9 +35,9 @@ from .webdataset import ShardSource
 __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "EvalTransform",
            "build_text_encoder", "build_transform", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
            "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
-           "source_captions"]
+           "source_captions", "ImageCache", "CacheLoader"]
 
-SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "mixture")
+SOURCES = ("synthetic", "webdataset", "hdf5", "table", "imagefolder", "text", "cache", "mixture")
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -80,16 +82,19 @@ def _entries(cfg: DataConfig) -> list[DataConfig]:
         unknown = set(entry) - known
         if unknown:
             raise DataError(f"data.mixture[{i}] has unknown field(s) {sorted(unknown)}")
-        if entry["source"] in ("mixture", "synthetic"):
+        if entry["source"] in ("mixture", "synthetic", "cache"):
             raise DataError(f"data.mixture[{i}]: source {entry['source']!r} cannot be a mixture entry")
         out.append(DataConfig(**{**base, **entry}))
     return out
 
 
 def _open(cfg: DataConfig, min_side: int, train: bool):
-    """The raw source of one (non-mixture) config: a map-style dataset or a ShardSource."""
+    """The raw source of one (non-mixture) config: a map-style dataset, a ShardSource or an
+    ImageCache."""
     if cfg.source not in SOURCES:
         raise DataError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
+    if cfg.source == "cache":
+        return ImageCache(cfg.urls)
     if cfg.source == "webdataset":
         return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
                            resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars,
@@ -133,7 +138,10 @@ def build_dataset(cfg: DataConfig, image_size: int, train: bool = True, seed: in
     """The configured source with its transforms applied: a map-style :class:`MapDataset`
     (index it with ``(index, seed)`` from :class:`EpochSampler`, or a plain index) or an
     iterable :class:`StreamDataset` (shards, mixtures). ``batch_size`` is needed for a
-    mixture with ``mixture_mode=batch``."""
+    mixture with ``mixture_mode=batch``. A cache (``data.source=cache``) is returned opened,
+    as an :class:`ImageCache`: its loader augments whole batches, not single samples."""
+    if cfg.source == "cache":
+        return ImageCache(cfg.urls)
     rank, world_size = dist_info(rank, world_size)
     transform = build_transform(cfg, image_size, train)
     if cfg.source == "synthetic":
@@ -213,17 +221,27 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
 
 def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEncoder, batch_size: int,
                           seed: int = 0, train: bool = True, *, rank: int | None = None,
-                          world_size: int | None = None, dataset=None) -> PretrainLoader:
+                          world_size: int | None = None, dataset=None,
+                          device: torch.device | str = "cpu") -> PretrainLoader | CacheLoader:
     """Batches for pre-training on this rank (rank/world size default to torch.distributed's).
 
     A map-style source gets an :class:`EpochSampler` (``loader.sampler``) whose position the
     trainer saves and restores; every source supports ``loader.state_dict()`` /
     ``loader.load_state_dict()``. Skips are counted in ``loader.skips``. ``dataset``: the
     result of :func:`build_dataset` with the same arguments, when the caller built it already.
+    ``device``: where a cache's batches are augmented (the training device); other sources
+    give host tensors, pinned when a GPU is present.
     """
     rank, world_size = dist_info(rank, world_size)
     ds = dataset if dataset is not None else build_dataset(cfg, image_size, train=train, seed=seed, rank=rank,
                                                            world_size=world_size, batch_size=batch_size)
+    if isinstance(ds, ImageCache):
+        return CacheLoader(ds, image_size=image_size, batch_size=batch_size, text_encoder=text_encoder, seed=seed,
+                           rank=rank, world_size=world_size, device=device, train=train,
+                           crop_scale=cfg.crop_scale, hflip=cfg.hflip, swap_captions=cfg.flip_swaps_left_right,
+                           word_pairs=cfg.flip_word_pairs, paired_fraction=cfg.paired_fraction,
+                           max_skip_fraction=cfg.max_skip_fraction, placement=cfg.cache_placement,
+                           interpolation=cfg.cache_interpolation)
     workers = cfg.num_workers
     sampler = None
     if isinstance(ds, StreamDataset):

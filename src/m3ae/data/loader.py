@@ -122,12 +122,20 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return max(self._share() - self.start, 0)
 
-    def __iter__(self):
+    def _draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=g) if self.shuffle else torch.arange(self.size)
         aug = torch.randint(0, 2**62, (self.size,), generator=g)
-        mine = order[self.rank::self.world_size][: self._share()]
-        for i in mine[self.start:].tolist():
+        return order[self.rank::self.world_size][: self._share()][self.start:], aug
+
+    def indices(self) -> torch.Tensor:
+        """This rank's remaining indices of the epoch, in order (what iterating yields, without
+        the augmentation seeds)."""
+        return self._draw()[0]
+
+    def __iter__(self):
+        mine, aug = self._draw()
+        for i in mine.tolist():
             yield i, int(aug[i])
 
 

@@ -104,6 +104,13 @@ def _resize_uint8(x: torch.Tensor, size) -> torch.Tensor:
     return F2.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
 
+def resize_center_crop_uint8(image, size: int) -> torch.Tensor:
+    """A PIL image or uint8 (3, H, W) tensor -> uint8 (3, size, size): the shorter side
+    resized to ``size`` (bicubic, antialiased), then the centre square. Evaluation's geometry,
+    and what an image cache (m3ae.data.cache) stores."""
+    return F2.center_crop(_resize_uint8(uint8_tensor(image), size), size)
+
+
 class PretrainTransform:
     """RandomResizedCrop (bicubic) + horizontal flip + ImageNet normalisation, caption-aware.
 
@@ -173,8 +180,7 @@ class EvalTransform:
             return sample
         img = sample["image"]
         if isinstance(img, torch.Tensor) or self.backend == "tensor":
-            x = F2.center_crop(_resize_uint8(uint8_tensor(img), self.image_size), self.image_size)
-            sample["image"] = normalize_uint8(x)
+            sample["image"] = normalize_uint8(resize_center_crop_uint8(img, self.image_size))
             return sample
         img = TF.resize(to_rgb(img), self.image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         img = TF.center_crop(img, self.image_size)

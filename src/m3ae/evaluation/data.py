@@ -8,7 +8,9 @@
   unlabelled images;
 - WebDataset shards with ``.cls`` labels (brace patterns/globs, several joined by ``::``);
   class names come from a ``classes.txt`` (one per line) or ``classes.tsv`` (index, id,
-  name) beside the shards when there is one.
+  name) beside the shards when there is one;
+- a cache folder (``m3ae cache build``): its images are already decoded and centre-cropped,
+  so reading them is a copy (class names as recorded when it was built).
 
 Everything goes through :mod:`m3ae.data` (its sources, transforms and :class:`Collator`), so
 evaluation sees images exactly as pre-training's evaluation path does.
@@ -25,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..data import Collator, EvalTransform, PretrainTransform, ShapesDataset, SkipCounter
+from ..data.cache import ImageCache, is_cache
 from ..data.loader import MapDataset, PretrainLoader
 from ..data.sources import ImageFolderSource
 from ..data.webdataset import expand_urls, webdataset_source
@@ -109,6 +112,18 @@ def _image_folder(root: str, transform, limit: int | None, tag: str) -> Labelled
     return LabelledData(ds, src.classes or None, f"{tag}|imagefolder|{_file_stamp(src.files)}", root)
 
 
+def _cache(path: str, transform, limit: int | None, tag: str) -> LabelledData:
+    """A cache folder: its samples through the same transform as any other source (the
+    stored squares are resized when the model's image size differs). ``limit`` keeps the
+    first samples (a cache keeps its sources' order; shards are shuffled at build time)."""
+    cache = ImageCache(path)
+    ds: Dataset = MapDataset(cache, transform)
+    if limit is not None and limit < len(cache):
+        ds = torch.utils.data.Subset(ds, range(limit))
+    files = [Path(path) / name for name in ("manifest.json", "images.npy")]
+    return LabelledData(ds, cache.class_names, f"{tag}|cache|{_file_stamp(files)}", path)
+
+
 def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int | None = None,
                   crop_scale=(0.08, 1.0)) -> LabelledData:
     """A labelled dataset from a data spec (see the module doc).
@@ -129,6 +144,8 @@ def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int
             raise ValueError(f"bad shapes spec {spec!r}; expected shapes, shapes:N or shapes:N:SEED") from None
         ds = ShapesDataset(size if limit is None else min(size, limit), image_size, seed, transform=transform)
         return LabelledData(ds, list(ShapesDataset.class_names), tag, spec)
+    if is_cache(spec):
+        return _cache(spec, transform, limit, tag)
     if os.path.isdir(spec):
         return _image_folder(spec, transform, limit, tag)
     shards = expand_urls(spec)

@@ -208,7 +208,7 @@ class _Run:
         self.step = TrainStep(self.model, cfg, info)
         self.loader = build_pretrain_loader(cfg.data, cfg.model.image_size, self.text_encoder, tcfg.batch_size,
                                             seed=tcfg.seed, rank=info.rank, world_size=info.world_size,
-                                            dataset=dataset)
+                                            dataset=dataset, device=info.device)
         self.stream = _BatchStream(self.loader)
         if info.is_main:
             if overwrite:

@@ -39,12 +39,13 @@ assemble() {  # DIR: the data, fixtures, wheels and official code the device nee
   local dir=$1 tin=$SHARED/data/tiny-imagenet-captions cifar=$SHARED/data/cifar10
   rm -rf "$dir" && mkdir -p "$dir/shared/data/tiny-imagenet-captions" "$dir/shared/data/cifar10" \
     "$dir/shared/fixtures" "$dir/coco" "$dir/wheels" || return 1
-  # 5 of the 8 train shards (every class is in every shard), 1 val shard, the CIFAR-10 test shard.
+  # 5 of the 8 train shards (every class is in every shard), 1 val shard, the CIFAR-10 test shard
+  # and 2 train shards (the gpu reproduction's near-OOD probe reads 10,000 CIFAR-10 train images).
   cp "$tin"/train-00000[0-4].tar.gz "$tin"/val-000000.tar.gz "$tin"/classes.tsv "$dir/shared/data/tiny-imagenet-captions/" || return 1
-  cp "$cifar"/test-000000.tar.gz "$cifar"/classes.txt "$dir/shared/data/cifar10/" || return 1
+  cp "$cifar"/test-000000.tar.gz "$cifar"/train-00000[01].tar.gz "$cifar"/classes.txt "$dir/shared/data/cifar10/" || return 1
   cp -r "$SHARED/fixtures/official-jax" "$dir/shared/fixtures/" || return 1
-  # 48 COCO photos for the decode benchmark (the whole coco-mini shard is 37 MB).
-  "$PY" - "$SHARED/data/coco-mini/all-000000.tar.gz" "$dir/coco/photos-000000.tar" 48 <<'EOF' || return 1
+  # 40 COCO photos for the decode benchmark (the whole coco-mini shard is 37 MB).
+  "$PY" - "$SHARED/data/coco-mini/all-000000.tar.gz" "$dir/coco/photos-000000.tar" 40 <<'EOF' || return 1
 import sys, tarfile
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 keys = []

@@ -71,7 +71,8 @@ EOF
     echo "payload: no official code (set M3AE_OFFICIAL_REPO); part (c) will be skipped" >&2
   fi
   local tree payload
-  tree=$(git ls-files -co --exclude-standard -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  tree=$(git ls-files -co --exclude-standard -z | xargs -0 -r du -cb 2>/dev/null | tail -1 | cut -f1)
+  tree=${tree:-0}
   payload=$(du -sb "$dir" | cut -f1)
   echo "payload $dir: $((payload / 1048576)) MiB; with the working tree $(((tree + payload) / 1048576)) MiB of $LIMIT_MIB"
   [ $((tree + payload)) -le $((LIMIT_MIB * 1048576)) ] || { echo "payload: over the $LIMIT_MIB MiB a device call carries" >&2; return 1; }

@@ -33,6 +33,12 @@ BENCH_CPU = dict(image_size=64, patch_size=8, vocab_size=30522, text_len=32, bat
                  dec_num_heads=4, mlp_ratio=4, image_mask_ratio=0.75, text_mask_ratio=0.75)
 
 # Imported by m3ae_main / data.py / utils.py / vqgan.py but unused by the train step.
+# The GPU size of benchmarks/device_check.sh (ViT-B/16 M3AE, 256 px, captions padded to 64, batch
+# 256), as train_throughput.py --preset base --batch 256 --text-len 64 runs ours.
+H200 = dict(BENCH_CPU, image_size=256, patch_size=16, text_len=64, batch_size=256, emb_dim=768, depth=12,
+            num_heads=12, dec_emb_dim=512, dec_depth=8, dec_num_heads=16)
+SIZES = {"bench-cpu": BENCH_CPU, "h200": H200}
+
 UNUSED_IMPORTS = ["torch", "torch.utils", "torch.utils.data", "torchvision", "torchvision.transforms",
                   "wandb", "gcsfs", "h5py", "skimage", "skimage.io", "skimage.color", "transformers",
                   "PIL", "PIL.Image", "PIL.ImageFilter", "timm", "timm.data", "timm.data.constants",
@@ -62,13 +68,16 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--official-repo", required=True, help="extracted young-geng/m3ae_public")
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU cores the process may run on (sched_setaffinity); XLA sizes its pool to them")
+                   help="CPU cores the process may run on (sched_setaffinity); XLA sizes its pool to them; "
+                        "0 = leave the affinity alone (GPU runs)")
+    p.add_argument("--size", choices=sorted(SIZES), default="bench-cpu",
+                   help="bench-cpu (default) or h200: ViT-B/16, 256 px, text 64, batch 256")
     p.add_argument("--xla-single-thread", action="store_true",
                    help="instead: XLA_FLAGS=--xla_cpu_multi_thread_eigen=false "
                         "intra_op_parallelism_threads=1 (no pinning; combine with taskset)")
     p.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--batch", type=int, default=BENCH_CPU["batch_size"])
+    p.add_argument("--batch", type=int, default=0, help="default: the size's batch")
     p.add_argument("--json", help="write the record here")
     return p.parse_args()
 
@@ -81,7 +90,7 @@ def main():
     if args.xla_single_thread:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    else:
+    elif args.threads:
         cpus = sorted(os.sched_getaffinity(0))
         if not 1 <= args.threads <= len(cpus):
             sys.exit(f"error: --threads {args.threads}: this process may use {len(cpus)} CPU(s)")
@@ -102,7 +111,8 @@ def main():
     from m3ae.utils import set_random_seed
     from m3ae.model import M3AETrainState, MaskedMultimodalAutoencoder
 
-    c, b = BENCH_CPU, args.batch
+    c = SIZES[args.size]
+    b = args.batch or c["batch_size"]
     flags = m3ae_main.FLAGS
     flags(["official_jax_step", f"--patch_size={c['patch_size']}", f"--batch_size={b}"])
     # The same as --m3ae.emb_dim=192 etc. (ml_collections registers those only from sys.argv).
@@ -171,14 +181,14 @@ def main():
         cpu.append(time.process_time() - c0)
     loss = float(np.asarray(metrics["loss"])[0])
     med_w, med_c = statistics.median(wall), statistics.median(cpu)
-    threads = "xla-single-thread" if args.xla_single_thread else args.threads
-    rec = {"impl": "official-jax", "threads": threads, "batch": b, "steps": args.steps,
+    threads = "xla-single-thread" if args.xla_single_thread else args.threads or "all"
+    rec = {"impl": "official-jax", "size": args.size, "device": str(devices[0]), "threads": threads, "batch": b, "steps": args.steps,
            "warmup": args.warmup, "params": int(n_params), "compile_s": round(compile_s, 1),
            "step_s_median": round(med_w, 4), "samples_per_s": round(b / med_w, 1),
            "samples_per_cpu_s": round(b / med_c, 1), "loss_last": round(loss, 4),
            "step_s_all": [round(x, 4) for x in wall], "jax": jax.__version__,
            "flax": flax.__version__, "optax": optax.__version__}
-    print(f"official JAX M3AE step, threads {threads}, batch {b}, {n_params / 1e6:.2f} M params: "
+    print(f"official JAX M3AE step on {devices[0]}, size {args.size}, threads {threads}, batch {b}, {n_params / 1e6:.2f} M params: "
           f"median {med_w * 1000:.0f} ms/step over {args.steps} steps = {rec['samples_per_s']} samples/s "
           f"({rec['samples_per_cpu_s']} samples per CPU-second); compile {compile_s:.1f} s; loss {loss:.3f}")
     if args.json:

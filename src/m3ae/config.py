@@ -154,6 +154,9 @@ class DataConfig:
     # differ slightly, docs/data.md).
     image_backend: ImageBackend = "tensor"
     prefetch_factor: int = 2  # batches each worker prepares ahead
+    # webdataset pre-training: "cuda" decodes each batch's JPEGs on the GPU (nvJPEG, batched) and
+    # crops, resizes and flips there; the workers only read headers. "cpu": per sample in the workers.
+    decode_device: str = "cpu"
     # source=cache: "auto" keeps the images in GPU memory when they fit (under 40 % of what is
     # free), else in memory-mapped host memory; "cpu" always the latter.
     cache_placement: CachePlacement = "auto"
@@ -206,6 +209,10 @@ class TrainConfig:
     strategy: Strategy = "ddp"  # with several processes: "ddp" or "fsdp" (FSDP2 fully_shard, large models)
     grad_checkpointing: bool = False  # recompute encoder/decoder blocks in backward (less memory)
     compile: bool = False  # torch.compile the training step
+    # CUDA: deterministic kernels (torch.use_deterministic_algorithms, cuBLAS's fixed workspace),
+    # so that a resumed run matches an uninterrupted one bit for bit; a little slower. CPU
+    # kernels are deterministic already (docs/training.md, "Checkpoints, resume").
+    deterministic: bool = False
     # CPU training (glibc): freed memory stays in the process instead of going back to the
     # OS, so the next step does not page-fault its big buffers back in (benchmarks/RESULTS.md,
     # "What changed"). Process-wide; RSS then stays at the step's high-water mark.

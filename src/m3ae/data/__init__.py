@@ -24,6 +24,7 @@ from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer,
 from .cache import CacheLoader, ImageCache
 from .collate import Collator, model_inputs
 from .decode import BadSample, DataError, DataNotFound, SkipCounter
+from .device_decode import DeferredPretrainTransform, DeviceDecoder, check_decode_device
 from .loader import (EpochSampler, IndexedStream, MapDataset, PretrainLoader, StreamDataset,
                      keeps_caption)
 from .sources import open_source
@@ -93,7 +94,19 @@ def _open(cfg: DataConfig, min_side: int, train: bool):
     ImageCache."""
     if cfg.source == "cache":
         return ImageCache(cfg.urls)
-    return open_source(cfg, min_side, train)
+    return open_source(cfg, min_side, train, defer_jpeg=_on_device(cfg, train))
+
+
+def _on_device(cfg: DataConfig, train: bool) -> bool:
+    """Whether this pre-training source's JPEGs are decoded on ``data.decode_device`` (checked
+    here, so that a machine without CUDA says so before anything is read)."""
+    if cfg.decode_device == "cpu" or not train:
+        return False
+    check_decode_device(cfg.decode_device)
+    if cfg.source != "webdataset":
+        raise DataError(f"data.decode_device={cfg.decode_device} applies to data.source=webdataset only, "
+                        f"not {cfg.source}; use data.decode_device=cpu")
+    return True
 
 
 def _min_side(cfg: DataConfig, image_size: int, train: bool) -> int:
@@ -106,6 +119,9 @@ def _min_side(cfg: DataConfig, image_size: int, train: bool) -> int:
 
 def build_transform(cfg: DataConfig, image_size: int, train: bool = True):
     """The per-sample image transform the configured loader applies."""
+    if _on_device(cfg, train):
+        return DeferredPretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right,
+                                         cfg.flip_word_pairs, backend=cfg.image_backend)
     if train:
         return PretrainTransform(image_size, cfg.crop_scale, cfg.hflip, cfg.flip_swaps_left_right,
                                  cfg.flip_word_pairs, backend=cfg.image_backend)
@@ -240,6 +256,8 @@ def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEn
                      # resume position; an indexable source's order lives in the main process.
                      persistent_workers=sampler is not None)
     # Every sample is read once per epoch: the last, smaller batch is kept rather than dropped.
+    decoder = DeviceDecoder(image_size, check_decode_device(cfg.decode_device)) if _on_device(cfg, train) else None
     return PretrainLoader(ds, skips=skips, rank=rank, world_size=world_size, batch_size=batch_size,
+                          device_decoder=decoder,
                           sampler=sampler, drop_last=False, num_workers=workers,
                           collate_fn=Collator(text_encoder), pin_memory=torch.cuda.is_available(), **extra)

@@ -10,6 +10,8 @@ A batch is a dict with:
   of damaged shards, which are no samples);
 - ``data_events`` (list of ``(kind, reason, key)``, kind "skip" or "fix"): what went wrong
   while reading them, carried back from the worker process to the loader's counter;
+- ``jpeg``, ``jpeg_box``, ``jpeg_flip`` instead of ``image`` with ``data.decode_device`` set
+  (:mod:`m3ae.data.device_decode`; the loader decodes them before yielding the batch);
 - ``stream_pos`` ``(worker id, items handed out)`` for stream sources (resume bookkeeping).
 
 Samples marked as skipped (``_skip``) are left out, so a batch can be smaller than asked for,
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..tokenizer import TextEncoder
+from .device_decode import PendingImage, collate_pending
 
 
 class Collator:
@@ -36,7 +39,11 @@ class Collator:
             batch["stream_pos"] = max(positions)
         images = [s.get("image") for s in samples]
         present = [im is not None for im in images]
-        if any(present):
+        if any(isinstance(im, PendingImage) for im in images):  # decoded later, on the device
+            batch.update(collate_pending(images))
+            batch["image"] = None
+            batch["image_valid"] = None if all(present) else torch.tensor(present)
+        elif any(present):
             ref = next(im for im in images if im is not None)
             batch["image"] = torch.stack([im if im is not None else torch.zeros_like(ref) for im in images])
             batch["image_valid"] = None if all(present) else torch.tensor(present)

@@ -18,7 +18,9 @@ skip counts). For an indexable source ``loader.sampler.set_position(epoch, start
 holds, per worker, how many raw items it has handed out; on resume each worker replays its
 stream (shard order, shuffle buffer and mixture draws are functions of the seed, epoch and
 slot) and skips that many items *without decoding them*, then continues — nothing is repeated
-or skipped. The resumed run must use the same ``num_workers`` (checked); on another world
+or skipped. It also holds which worker's batch was due next: workers take turns, and the
+resumed DataLoader's worker ``w`` plays reader ``w + next`` so that the turns continue where
+they stopped. The resumed run must use the same ``num_workers`` (checked); on another world
 size the trainer starts the interrupted epoch afresh with a note (reader slots do not map onto
 other slots), while an indexable position converts (``offset``, see :class:`EpochSampler`). The
 replay costs reading, not decoding, the skipped items; for an endless stream (a mixture or
@@ -183,6 +185,9 @@ class StreamDataset(IterableDataset):
         self.skips = drop_skipped
         self.epoch = 0
         self.resume_pos: dict[int, int] = {}  # worker id -> raw items to skip (set by the loader)
+        # DataLoader worker w plays reader w + rotation: a resumed epoch's first batch then comes
+        # from the reader whose turn it was (the DataLoader always asks its worker 0 first).
+        self.rotation = 0
 
     @property
     def name(self) -> str:
@@ -217,7 +222,7 @@ class StreamDataset(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        wid, nw = ((info.id + self.rotation) % info.num_workers, info.num_workers) if info is not None else (0, 1)
         slot, nslots = self.rank * nw + wid, self.world_size * nw
         skip = self.resume_pos.get(wid, 0)
         for pos, (c, item) in enumerate(self._items(self.epoch, slot, nslots)):
@@ -238,11 +243,14 @@ class PretrainLoader(DataLoader):
     """A DataLoader that counts skipped samples, drops batches left empty by them, and can
     save and restore its exact position (see the module docstring)."""
 
-    def __init__(self, dataset, *, skips: SkipCounter, rank: int = 0, world_size: int = 1, **kw):
+    def __init__(self, dataset, *, skips: SkipCounter, rank: int = 0, world_size: int = 1,
+                 device_decoder=None, **kw):
         super().__init__(dataset, **kw)
         self.skips, self.rank, self.world_size = skips, rank, world_size
+        self.device_decoder = device_decoder  # data.decode_device: finishes each batch's images
         self._epoch = 0
         self._worker_pos: dict[int, int] = {}
+        self._next_worker = 0  # the reader whose batch comes next (stream sources with workers)
         self._read = 0
 
     @property
@@ -253,7 +261,7 @@ class PretrainLoader(DataLoader):
         state = {"skips": self.skips.state_dict(), "world_size": self.world_size, "rank": self.rank}
         if self.is_stream:
             state.update(kind="stream", epoch=self._epoch, num_workers=self.num_workers,
-                         worker_pos={str(k): v for k, v in self._worker_pos.items()})
+                         worker_pos={str(k): v for k, v in self._worker_pos.items()}, next_worker=self._next_worker)
         else:
             state.update(kind="map", epoch=self.sampler.epoch, position=self.sampler.start + self._read,
                          offset=getattr(self.sampler, "offset", 0))
@@ -272,6 +280,7 @@ class PretrainLoader(DataLoader):
                                 f"resume with the same number (this run has {self.num_workers})")
             self._epoch = state["epoch"]
             self._worker_pos = {int(k): v for k, v in state["worker_pos"].items()}
+            self._next_worker = state.get("next_worker", 0)  # older checkpoints: as they resumed before
         elif state.get("offset"):
             self.sampler.set_position(state["epoch"], state["position"], state["offset"])
         else:
@@ -280,13 +289,17 @@ class PretrainLoader(DataLoader):
     def __iter__(self):
         if self.is_stream:
             self.dataset.epoch, self.dataset.resume_pos = self._epoch, dict(self._worker_pos)
+            self.dataset.rotation = self._next_worker
         self._read, good = 0, 0
         for batch in super().__iter__():
+            if self.device_decoder is not None and "jpeg" in batch:
+                batch = self.device_decoder(batch)
             n = batch.get("num_read", len(batch["key"]))
             self._read += n
             if "stream_pos" in batch:
                 wid, pos = batch["stream_pos"]
                 self._worker_pos[wid] = max(pos, self._worker_pos.get(wid, 0))
+                self._next_worker = (wid + 1) % max(self.num_workers, 1)
             self.skips.add(batch.get("data_events", ()), seen=n)
             self.skips.check()
             if batch["key"]:
@@ -296,7 +309,7 @@ class PretrainLoader(DataLoader):
         if not good and (self._read or self.skips.shards):
             raise DataError(f"data source {self.skips.source}: every sample read was skipped: {self.skips.summary()}")
         if self.is_stream:
-            self._epoch, self._worker_pos = self._epoch + 1, {}
+            self._epoch, self._worker_pos, self._next_worker = self._epoch + 1, {}, 0
         elif isinstance(self.sampler, EpochSampler):
             self.sampler.set_position(self.sampler.epoch + 1, 0)
         self._read = 0

@@ -389,16 +389,17 @@ class TextSource(IndexedSource):
 SOURCES = {"hdf5": HDF5Source, "table": TableSource, "imagefolder": ImageFolderSource, "text": TextSource}
 
 
-def open_source(cfg, min_side: int = 0, train: bool = False):
+def open_source(cfg, min_side: int = 0, train: bool = False, defer_jpeg: bool = False):
     """The raw source of one config that reads files (not synthetic, cache or mixture): a
     :class:`~m3ae.data.webdataset.ShardSource` (shuffled shards and buffer when ``train``) or
-    an indexable :class:`IndexedSource`."""
+    an indexable :class:`IndexedSource`. ``defer_jpeg``: shards hand over JPEG bytes for the
+    batch to be decoded on the training device (``data.decode_device``)."""
     if cfg.source == "webdataset":
         from .webdataset import ShardSource
 
         return ShardSource(cfg.urls, shuffle_buffer=cfg.shuffle_buffer if train else 0, shuffle_shards=train,
                            resampled=cfg.resample, min_side=min_side, max_chars=cfg.max_caption_chars,
-                           fast_jpeg=cfg.image_backend == "tensor")
+                           fast_jpeg=cfg.image_backend == "tensor", defer_jpeg=defer_jpeg)
     return open_indexed_source(cfg, min_side)
 
 

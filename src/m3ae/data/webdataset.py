@@ -31,6 +31,7 @@ from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .decode import BadSample, DataError, DataNotFound, SkipCounter, clean_caption, decode_image
+from .device_decode import pending_image
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -81,14 +82,21 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
-def decode_shard_sample(raw: dict, min_side: int = 0, max_chars: int = 1000, fast_jpeg: bool = False) -> dict:
-    """Raw tar members -> {key, image (PIL RGB, uint8 tensor with ``fast_jpeg``, or None), caption,
+def decode_shard_sample(raw: dict, min_side: int = 0, max_chars: int = 1000, fast_jpeg: bool = False,
+                        defer_jpeg: bool = False) -> dict:
+    """Raw tar members -> {key, image (PIL RGB, uint8 tensor with ``fast_jpeg``, a
+    :class:`~m3ae.data.device_decode.PendingImage` with ``defer_jpeg``, or None), caption,
     label, _events}."""
     key = raw["__key__"]
     where = f"{os.path.basename(raw.get('__url__', ''))}:{key}"
     events: list = []
     ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    image = decode_image(raw[ext], where, min_side, fast_jpeg) if ext else None
+    if ext is None:
+        image = None
+    elif defer_jpeg:
+        image = pending_image(raw[ext], where)
+    else:
+        image = decode_image(raw[ext], where, min_side, fast_jpeg)
     caption = raw.get("txt")
     if caption is None and "json" in raw:  # img2dataset puts the caption in the json too
         try:
@@ -144,13 +152,15 @@ class ShardSource:
     name = "webdataset"
 
     def __init__(self, urls: str | list[str], *, shuffle_buffer: int = 0, shuffle_shards: bool = True,
-                 resampled: bool = False, min_side: int = 0, max_chars: int = 1000, fast_jpeg: bool = False):
+                 resampled: bool = False, min_side: int = 0, max_chars: int = 1000, fast_jpeg: bool = False,
+                 defer_jpeg: bool = False):
         self.pattern = urls if isinstance(urls, str) else "::".join(urls)
         self.shards = expand_urls(urls) if isinstance(urls, str) else list(urls)
         check_local_shards(self.shards, self.pattern)
         self.name = f"webdataset {self.pattern!r}"
         self.shuffle_buffer, self.shuffle_shards, self.resampled = shuffle_buffer, shuffle_shards, resampled
         self.min_side, self.max_chars, self.fast_jpeg = min_side, max_chars, fast_jpeg
+        self.defer_jpeg = defer_jpeg  # data.decode_device: the batch is decoded on the device
 
     def check_readers(self, readers: int) -> None:
         """Fail early when some of ``readers`` slots would get no shard at all."""
@@ -205,7 +215,7 @@ class ShardSource:
     def decode(self, raw: dict) -> dict:
         if "__skip__" in raw:
             raise BadSample(raw["__skip__"], raw["__key__"], raw.get("__detail__", ""), sample=False)
-        return decode_shard_sample(raw, self.min_side, self.max_chars, self.fast_jpeg)
+        return decode_shard_sample(raw, self.min_side, self.max_chars, self.fast_jpeg, self.defer_jpeg)
 
     def has_captions(self, scan: int = 200) -> bool:
         """Whether any of the first ``scan`` samples has a caption (``.txt`` or ``.json``);

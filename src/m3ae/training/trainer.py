@@ -181,6 +181,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     # the newest checkpoint is the only sensible thing for a restarted worker to do.
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
         resume, overwrite = "latest", False
+    if cfg.train.deterministic:
+        # Read when cuBLAS makes its first handle, so before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # a run never dies of it
     owns_group = not torch.distributed.is_initialized()
     info = init_distributed(cfg.train.device)
     try:
@@ -506,7 +510,8 @@ def _data_position(st: dict, info: DistInfo, ckpt: Path) -> tuple[dict, str | No
 def afresh(data: dict) -> dict:
     """A data position moved back to the start of its epoch (counts kept)."""
     if data.get("kind") == "stream":
-        return dict(data, worker_pos={}, num_workers=None)  # None: whatever this run's loader has
+        # None: whatever this run's loader has; worker 0's turn first, as in a fresh epoch.
+        return dict(data, worker_pos={}, num_workers=None, next_worker=0)
     return dict(data, position=0, offset=0)
 
 

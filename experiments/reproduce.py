@@ -30,7 +30,7 @@ into ``docs/results.md`` (the standard mode; other modes into ``docs/results/<mo
 
 Modes with ``steps="plan"`` (standard, gpu) size themselves: before training, the first
 process times a few steps of each model kind and one checkpoint's evaluation on this machine,
-then picks the largest step count (a multiple of 50) at which every run of the mode and its
+then picks the largest step count (a multiple of 100) at which every run of the mode and its
 evaluation fit ``--budget-s`` with ``--processes`` processes sharing them out, dropping the
 ablations before any seed when even the smallest budget does not fit. It prints the plan and
 writes ``plan.json``, which every later process reads. Modes with ``cache=True`` decode each
@@ -588,7 +588,7 @@ def measure(mode: dict, data: Path, out: Path, tokenizer: Path, device: str) -> 
 
 
 def plan(mode: dict, specs: list, measured: dict, budget_s: float, processes: int, spent_s: float) -> dict:
-    """The largest step count (a multiple of 50 within ``mode["step_range"]``) at which every
+    """The largest step count (a multiple of 100 within ``mode["step_range"]``) at which every
     run and its evaluation fit ``budget_s`` of wall time with ``processes`` processes, from the
     measured costs; without the ablations when even the smallest does not fit."""
     lo, hi = mode["step_range"]
@@ -605,7 +605,8 @@ def plan(mode: dict, specs: list, measured: dict, budget_s: float, processes: in
     runs = list(specs)
     while True:
         per_step, evals = costs(runs)
-        steps = int((left - evals) / per_step) // 50 * 50 if left > evals else 0
+        # A multiple of 100, so that the quarter checkpoints (the probe curve) divide it evenly.
+        steps = int((left - evals) / per_step) // 100 * 100 if left > evals else 0
         ablations = [r for r in runs if not r.ood]
         if steps >= lo or not ablations:
             break
@@ -1087,7 +1088,50 @@ def _headline(s: dict) -> list[str]:
         out.append(f"- **{name}**: M3AE {_fmt([_mean(v['m3ae_top1'])], 2)} % vs MAE {_fmt([_mean(v['mae_top1'])], 2)} % "
                    f"top-1 ({n} seeds each, chance {_fmt([c1['chance']], 2)} %): gap {v['gap']:+.2f} points, "
                    f"{v['gap_over_std']:.1f}x the larger seed std ({v['max_std']:.2f}) — {v['verdict']}.")
-    return ["## Result in one paragraph", ""] + out + [""] + _reading(s)
+    return ["## Result in one paragraph", ""] + out + [""] + (_readout_reading(s) if s.get("readouts") else _reading(s))
+
+
+def readout_verdicts(s: dict) -> dict[str, list[str]]:
+    """The readouts grouped by claim 1's verdict on them: "separates" (every M3AE seed above
+    every MAE seed and a gap of at least 3x the seed std), "in direction" (every seed above,
+    gap too small), "inconclusive", "opposite"."""
+    groups: dict[str, list[str]] = {"separates": [], "in direction": [], "inconclusive": [], "opposite": []}
+    for label, v in s.get("readouts", {}).items():
+        verdict = v["verdict"]
+        key = ("separates" if verdict.startswith("reproduced") else "in direction" if verdict.startswith("in direction")
+               else "opposite" if verdict.startswith("not reproduced") else "inconclusive")
+        groups[key].append(label)
+    return groups
+
+
+def readout_sentence(s: dict) -> str:
+    """Claim 1's verdict over every readout in one sentence, from the summary."""
+    g = readout_verdicts(s)
+    n = min(len(s["claim1"]["m3ae_top1"]), len(s["claim1"]["mae_top1"]))
+    parts = []
+    for key, words in (("separates", "M3AE's image encoder beats MAE's beyond the seed spread"),
+                       ("in direction", "every M3AE seed is above every MAE seed but the gap is under 3x the seed std"),
+                       ("inconclusive", "the seed ranges overlap"), ("opposite", "MAE is ahead in every seed")):
+        if g[key]:
+            which = "every readout" if len(g[key]) == len(s["readouts"]) else "; ".join(g[key])
+            parts.append(f"{words} on {which}")
+    return f"With {n} seeds each: " + "; ".join(parts) + "."
+
+
+def _readout_reading(s: dict) -> list[str]:
+    L = [readout_sentence(s)]
+    curve = s.get("readout_curve", {}).get("linear probe, CLS", {})
+    steps = sorted(curve, key=int)
+    if len(steps) > 1:
+        gaps = [_mean(curve[k]["m3ae"]) - _mean(curve[k]["mae"]) for k in steps]
+        L.append("Along training the CLS probe's gap (mean M3AE − mean MAE) went "
+                 + ", ".join(f"{g:+.2f} at step {k}" for k, g in zip(steps, gaps)) + " points.")
+    diag = [d for n, d in s.get("caption_diag", {}).items() if n.startswith("m3ae_s")]
+    if diag:
+        diffs = [100 * (d["with_image"]["accuracy"] - d["without_image"]["accuracy"]) for d in diag]
+        L.append(f"The M3AE runs predict {min(diffs):.0f}–{max(diffs):.0f} points more of the hidden caption words "
+                 "with the image than without it.")
+    return ["**Reading.** " + " ".join(L), ""]
 
 
 def _reading(s: dict) -> list[str]:
@@ -1172,7 +1216,9 @@ def _plan_section(s: dict) -> list[str]:
             f"{p['budget_s'] / 60:.0f} min, the largest step count that fits every run is **{p['steps']}** "
             f"(estimated wall {p['estimated_wall_s'] / 60:.1f} min)"
             + (f"; left out to fit: {', '.join(p['dropped'])}" if p["dropped"] else "")
-            + ("" if p["fits"] else "; even the smallest budget did not fit, so the run took longer") + ".", ""]
+            + ("" if p["fits"] else "; even the smallest budget did not fit, so the run took longer") + "."
+            + (f" Afterwards {', '.join(p['extended']['runs'])} were run as well: {p['extended']['why']}."
+               if p.get("extended") else ""), ""]
 
 
 def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
@@ -1226,8 +1272,11 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "shared by all runs.",
           "- **MAE baseline** = the same config and seed with `data.paired_fraction=0`: every caption is "
           "dropped, batches are image-only, the loss is the pixel loss alone. Same encoder, image mask "
-          "ratio, number of steps, data order and augmentation (the shards are read in order; the crops "
-          "and flips come from per-sample seeds), and the same image masks: the trainer draws image and "
+          "ratio, number of steps, data order and augmentation "
+          + ("(the image cache is read in the order drawn from (seed, epoch); crops and flips come from "
+             "(seed, epoch, position))" if m.get("cache") else
+             "(the shards are read in order; the crops and flips come from per-sample seeds)")
+          + ", and the same image masks: the trainer draws image and "
           "text masking noise from separate streams seeded by (seed, step).",
           f"- Linear probe: BatchNorm (no affine) + linear layer on frozen CLS features, trained "
           f"{m['probe_epochs']} epochs on the labels of {m['probe_train']:,} Tiny-ImageNet train images, "
@@ -1288,7 +1337,10 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           f"{MODES['full']['batch_size']}, full evaluation sets); that is an estimate, not a measurement, "
           "and the GPU command below is the practical way to run it.", "",
           "## Commands", "", "```bash",
-          f"python experiments/reproduce.py --mode {s['mode']} --threads 1   # what produced this page",
+          *([f"python experiments/reproduce.py --mode {s['mode']} --processes 2 --threads 1 &   # twice, to use 2 cores",
+             f"python experiments/reproduce.py --mode {s['mode']} --processes 2 --threads 1     # what produced this page"]
+            if s.get("plan") else
+            [f"python experiments/reproduce.py --mode {s['mode']} --threads 1   # what produced this page"]),
           f"python experiments/reproduce.py --mode {s['mode']} --report      # tables and plots again, from the JSON",
           "python experiments/reproduce.py --mode full --device cuda   # when a GPU is available",
           "```", "",

@@ -156,13 +156,13 @@ def test_the_plan_fits_the_budget_and_drops_ablations_before_seeds(reproduce):
                 "caption_diag_s": 5.0, "timed_steps": 15}
     # Per step: 5 M3AE runs x 1 s + 3 MAE runs x 0.5 s = 6.5 s; evaluation: 8 x 40 + 6 x 20 + 5 x 5 = 465 s.
     p = reproduce.plan(mode, specs, measured, budget_s=3000, processes=2, spent_s=100)
-    assert p["steps"] == int((2 * 2900 - 465) / 6.5) // 50 * 50 == 800 and p["fits"] and not p["dropped"]
+    assert p["steps"] == int((2 * 2900 - 465) / 6.5) // 100 * 100 == 800 and p["fits"] and not p["dropped"]
     assert p["estimated_wall_s"] == pytest.approx(100 + (465 + 800 * 6.5) / 2) and p["estimated_wall_s"] <= 3000
     assert p["warmup"] == round(800 / 15)
     # Too little time: the ablations go first (each frees 1 s a step and 45 s of evaluation).
-    # With all 8 runs: (4000 - 465) / 6.5 -> 500 steps < 600; without the last: (4000 - 420) / 5.5 -> 650.
+    # With all 8 runs: (4000 - 465) / 6.5 -> 500 steps < 600; without the last: (4000 - 420) / 5.5 -> 600.
     p = reproduce.plan(mode, specs, measured, budget_s=2100, processes=2, spent_s=100)
-    assert p["dropped"] == ["m3ae_textmask0.15_s0"] and p["steps"] == 650 and p["fits"]
+    assert p["dropped"] == ["m3ae_textmask0.15_s0"] and p["steps"] == 600 and p["fits"]
     assert "m3ae_paired0.1_s0" in p["runs"]
     assert sum(n.startswith(("mae_s", "m3ae_s")) for n in p["runs"]) == 6  # every seed stays
     # Even without them it does not fit: the smallest step count, said so.

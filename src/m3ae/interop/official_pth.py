@@ -144,8 +144,9 @@ def read_official_pth(path: str | Path) -> dict:
             obj = obj[key]
     if not isinstance(obj, dict) or not is_official_pth(obj):
         keys = sorted(map(str, obj))[:5] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} is not the official Colab's M3AE .pth (image_embedding.weight, "
-                         f"encoder.blocks.N.attention.qkv_linear.*, ...); it holds {keys}")
+        raise ValueError(f"{path} is a PyTorch file, but not an official JAX M3AE checkpoint nor the official "
+                         f"Colab's M3AE .pth (image_embedding.weight, encoder.blocks.N.attention.qkv_linear.*, "
+                         f"...); it holds {keys}")
     return obj
 
 

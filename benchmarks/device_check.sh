@@ -10,7 +10,7 @@
 #   bash benchmarks/device_check.sh --dry-run            # here: every part on the CPU at smoke size, < 3 min
 #
 # --budget-s N: the overall deadline (default 530 s, inside the device call's 9 minutes).
-# Environment: PYTHON (default python3), OUT (default device_check_out), M3AE_SHARED (the shared
+# Environment: PYTHON (default python3; a dry run: .venv/bin/python when there is one), OUT (default device_check_out), M3AE_SHARED (the shared
 # folder to take data and fixtures from, default ../shared), M3AE_WHEELS (wheels to carry,
 # default .whl), M3AE_OFFICIAL_REPO (young-geng/m3ae_public: an extracted tree or a git dir),
 # JAX_PYTHON (the python that runs part (c), default PYTHON: a separate JAX venv here).
@@ -29,6 +29,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# Here (a dry run) the project's own environment when there is one: the machine's python3 may
+# hold no torch. The device's python3 holds its own torch, so there the default stays.
+if [ $DRY = 1 ] && [ -z "${PYTHON:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then
+  PY=$ROOT/.venv/bin/python; JPY=${JAX_PYTHON:-$PY}
+fi
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 SHARED=${M3AE_SHARED:-$ROOT/../shared}

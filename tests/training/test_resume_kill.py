@@ -58,7 +58,12 @@ def _assert_same_as_reference(h, run_dir: Path, reference: Path) -> None:
 
 
 def test_sigkill_then_resume_latest_is_bit_identical(h, overrides, reference, tmp_path):
-    out = tmp_path / "run"
+    _kill_resume_and_compare(h, overrides, tmp_path / "run", reference)
+
+
+def _kill_resume_and_compare(h, overrides: list[str], out: Path, reference: Path) -> None:
+    """Start the run, SIGKILL it after its step-3 checkpoint, ``--resume latest``, and
+    require it to end as ``reference`` did."""
     proc = subprocess.Popen(h.pretrain_cmd(out, overrides), env=h.cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     _kill_when_checkpointed(proc, out, 3)
@@ -114,12 +119,4 @@ def test_sigkill_then_resume_from_a_cache_is_bit_identical(h, cache_overrides, t
     h.run_ok(h.pretrain_cmd(reference, cache_overrides))
     rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["data/seen"] for r in rows] == [2 * r["step"] for r in rows]
-    out = tmp_path / "run"
-    proc = subprocess.Popen(h.pretrain_cmd(out, cache_overrides), env=h.cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    _kill_when_checkpointed(proc, out, 3)
-    assert proc.wait(60) == -signal.SIGKILL
-    assert not (out / "final").exists()
-    p = h.run_ok(h.pretrain_cmd(out, cache_overrides, "--resume", "latest"))
-    assert "resumed from" in p.stdout + p.stderr
-    _assert_same_as_reference(h, out, reference)
+    _kill_resume_and_compare(h, cache_overrides, tmp_path / "run", reference)

@@ -41,8 +41,8 @@ from ..config import CacheInterpolation, CachePlacement, check_choice
 from .decode import DataError, DataNotFound, SkipCounter
 from .loader import EpochSampler, keeps_caption, process
 from .sources import ImageFolderSource, open_source
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, WordSwapper, resize_center_crop_uint8
-from .webdataset import ShardSource, class_names_beside, expand_urls
+from .transforms import WordSwapper, normalize_uint8, resize_center_crop_uint8
+from .webdataset import ShardSource, class_names_beside
 
 FORMAT = "m3ae-image-cache"
 VERSION = 1
@@ -81,9 +81,8 @@ def source_config(spec: str, kind: str | None = None, **fields):
     return DataConfig(source=kind, urls=spec, **fields)
 
 
-def _raw_samples(cfg, min_side: int):
-    """(read, item) pairs of one source in its stored order."""
-    src = open_source(cfg, min_side, train=False)
+def _raw_samples(src):
+    """(read, item) pairs of an opened source in its stored order."""
     if isinstance(src, ShardSource):
         for raw in src.items(0, 0, 1, 0):
             yield src.decode, raw
@@ -92,12 +91,11 @@ def _raw_samples(cfg, min_side: int):
             yield src.__getitem__, i
 
 
-def _class_names(cfg) -> list[str] | None:
-    if cfg.source == "webdataset":
-        shards = expand_urls(cfg.urls)
-        return class_names_beside(shards) if shards and os.path.exists(shards[0]) else None
-    if cfg.source == "imagefolder":
-        return ImageFolderSource(cfg.urls).classes or None
+def _class_names(src) -> list[str] | None:
+    if isinstance(src, ShardSource):
+        return class_names_beside(src.shards) if src.shards and os.path.exists(src.shards[0]) else None
+    if isinstance(src, ImageFolderSource):
+        return src.classes or None
     return None
 
 
@@ -120,6 +118,7 @@ def build_cache(sources: list, out: str | os.PathLike, image_size: int, progress
     if out.is_dir():
         out.rmdir()  # atomic_write puts the finished folder in its place
 
+    opened = [open_source(c, image_size, train=False) for c in sources]  # a wrong path fails before any write
     skips = SkipCounter(" + ".join(f"{c.source} {c.urls!r}" for c in sources))
     keys: list[str] = []
     captions: list[str | None] = []
@@ -130,9 +129,9 @@ def build_cache(sources: list, out: str | os.PathLike, image_size: int, progress
         tmp.mkdir(parents=True)
         bar = tqdm(desc="cache build", unit="img", disable=not progress, dynamic_ncols=True)
         with open(tmp / "images.raw", "wb") as raw_file:
-            for cfg in sources:
+            for src in opened:
                 n_before = len(keys)
-                for read, item in _raw_samples(cfg, image_size):
+                for read, item in _raw_samples(src):
                     if limit is not None and len(keys) >= limit:
                         break
                     sample = process(read, item, None)
@@ -165,7 +164,7 @@ def build_cache(sources: list, out: str | os.PathLike, image_size: int, progress
             "format": FORMAT, "version": VERSION, "image_size": image_size, "count": len(keys),
             "with_caption": sum(c is not None for c in captions), "with_label": sum(x >= 0 for x in labels),
             "sources": [{"source": c.source, "urls": c.urls, "count": n} for c, n in zip(sources, counts)],
-            "class_names": _class_names(sources[0]) if len(sources) == 1 else None,
+            "class_names": _class_names(opened[0]) if len(opened) == 1 else None,
             "decode": skips.state_dict(),
             "files": {name: (tmp / name).stat().st_size for name in FILES},
         }
@@ -287,14 +286,7 @@ def crop_resize_flip(images: torch.Tensor, boxes: torch.Tensor, flipped: torch.T
     out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     if mode == "bicubic":
         out = out.clamp(0, 255)  # cubic overshoot
-    return normalize_uint8_range(out)
-
-
-def normalize_uint8_range(x: torch.Tensor) -> torch.Tensor:
-    """Float pixels in [0, 255] (B, 3, H, W) -> ImageNet-normalised, one multiply-add."""
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean / std, x, 1.0 / (255.0 * std))
+    return normalize_uint8(out)
 
 
 # -------------------------------------------------------------------------------- loading

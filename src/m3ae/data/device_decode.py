@@ -26,7 +26,7 @@ import torchvision.io
 from PIL import Image
 
 from .decode import BadSample, DataError, decode_image
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, uint8_tensor
+from .transforms import PretrainTransform, normalize_uint8, uint8_tensor
 
 _ORIENTATION = 0x0112  # EXIF tag
 
@@ -118,8 +118,6 @@ class DeviceDecoder:
 
     def __init__(self, image_size: int, device: torch.device | str):
         self.size, self.device = image_size, torch.device(device)
-        mean, std = (torch.tensor(v, device=self.device).view(-1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-        self.scale, self.bias = 1.0 / (255.0 * std), -mean / std  # normalize_uint8's multiply-add
 
     def decode(self, data: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """JPEG bytes -> uint8 (3, H, W) on the device, batched; None where even the CPU fails."""
@@ -155,7 +153,7 @@ class DeviceDecoder:
             x = F.interpolate(crop, size=(self.size, self.size), mode="bicubic", antialias=True,
                               align_corners=False).clamp_(0, 255).round_()
             out[i] = x[0].flip(-1) if flips[i] else x[0]
-        out = torch.addcmul(self.bias, out, self.scale)
+        out = normalize_uint8(out)
         if not all(present):
             out[~torch.tensor(present, device=self.device)] = 0  # as the collator pads a missing image
         batch["image"] = out

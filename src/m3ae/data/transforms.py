@@ -10,6 +10,7 @@ spatial words half of the time.
 """
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 
@@ -84,9 +85,16 @@ _SCALE = 1.0 / (255.0 * torch.tensor(IMAGENET_STD).view(-1, 1, 1))
 _BIAS = -torch.tensor(IMAGENET_MEAN).view(-1, 1, 1) / torch.tensor(IMAGENET_STD).view(-1, 1, 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _affine_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return _SCALE.to(device), _BIAS.to(device)  # once per device, not a copy per batch
+
+
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (3, H, W) -> float32 normalised, ``(x / 255 - mean) / std`` as one multiply-add."""
-    return torch.addcmul(_BIAS, x.to(torch.float32), _SCALE)
+    """uint8 (or float in [0, 255]) (..., 3, H, W) on any device -> float32 normalised,
+    ``(x / 255 - mean) / std`` as one multiply-add."""
+    scale, bias = (_SCALE, _BIAS) if x.device.type == "cpu" else _affine_on(x.device)
+    return torch.addcmul(bias, x.to(torch.float32), scale)
 
 
 def _resize_uint8(x: torch.Tensor, size) -> torch.Tensor:

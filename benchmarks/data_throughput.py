@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from m3ae.config import DataConfig  # noqa: E402
 from m3ae.data import (BadSample, Collator, build_dataset, build_pretrain_loader,  # noqa: E402
-                       build_text_encoder, build_transform)
+                       build_text_tokenizer, build_transform)
 from m3ae.data.loader import process  # noqa: E402
 
 STAGES = ("decode", "crop+resize+flip", "to float+normalise", "tokenise", "stack")
@@ -58,7 +58,7 @@ def read_raw(cfg: DataConfig, samples: int) -> tuple[list[dict], tuple[float, fl
     return raws, since(t0, max(len(raws), 1))
 
 
-def stage_times(cfg: DataConfig, image_size: int, raws: list[dict], text_encoder, batch_size: int,
+def stage_times(cfg: DataConfig, image_size: int, raws: list[dict], text_tokenizer, batch_size: int,
                 seed: int = 0) -> dict[str, tuple[float, float]]:
     """(CPU, wall) microseconds per sample of each stage, and of the whole per-sample path."""
     ds = build_dataset(cfg, image_size, train=True, batch_size=batch_size)
@@ -83,7 +83,7 @@ def stage_times(cfg: DataConfig, image_size: int, raws: list[dict], text_encoder
     batches = [list(range(i, min(i + batch_size, len(images)))) for i in range(0, len(images), batch_size)]
     t0 = clock()
     for b in batches:
-        text_encoder([samples[i]["caption"] or "" for i in b])
+        text_tokenizer([samples[i]["caption"] or "" for i in b])
     out["tokenise"] = since(t0, n)
     done = [dict(samples[i], image=images[i]) for i in range(len(images))]
     stack = Collator(None)
@@ -92,7 +92,7 @@ def stage_times(cfg: DataConfig, image_size: int, raws: list[dict], text_encoder
         stack([done[i] for i in b])
     out["stack"] = since(t0, n)
     out["sum of stages"] = tuple(sum(out[s][k] for s in STAGES) for k in (0, 1))
-    collate = Collator(text_encoder)
+    collate = Collator(text_tokenizer)
     t0 = clock()
     for i in range(0, n, batch_size):  # the loader's per-sample call (seeded), then its collate
         collate([process(src.decode, r, per_sample, seed + j) for j, r in enumerate(raws[i:i + batch_size], i)])
@@ -105,13 +105,13 @@ def run_stages(a, cfg: DataConfig) -> None:
     sizes = sorted(len(r.get("jpg", b"")) for r in raws)
     print(f"{len(raws)} samples from {a.urls}, JPEG bytes median {sizes[len(sizes) // 2] / 1e3:.0f} kB; "
           f"image size {a.image_size}, crop_scale {cfg.crop_scale}; torch threads {torch.get_num_threads()}")
-    text_encoder = build_text_encoder(dataclasses.replace(cfg, tokenizer=a.tokenizer))
+    text_tokenizer = build_text_tokenizer(dataclasses.replace(cfg, tokenizer=a.tokenizer))
     backends = a.backends
     runs: dict[str, list[dict]] = {b: [] for b in backends}
     for r in range(a.rounds):
         for b in (backends if r % 2 == 0 else backends[::-1]):  # interleaved, order alternating
             runs[b].append(stage_times(dataclasses.replace(cfg, image_backend=b), a.image_size, raws,
-                                       text_encoder, a.batch_size, seed=r))
+                                       text_tokenizer, a.batch_size, seed=r))
     print(f"\nmicroseconds per sample, median of {a.rounds} interleaved rounds (CPU time | wall time)")
     rows = list(STAGES) + ["sum of stages", "whole (as the loader)"]
     print(f"{'stage':>22} " + " ".join(f"{b + ' CPU':>11} {b + ' wall':>11}" for b in backends))
@@ -133,8 +133,8 @@ def run_stages(a, cfg: DataConfig) -> None:
         print(f"  {backends[1]} / {backends[0]} speed: {x / y:.2f}x")
 
 
-def measure(cfg: DataConfig, image_size: int, samples: int, batch_size: int, text_encoder) -> tuple[float, int]:
-    loader = build_pretrain_loader(cfg, image_size, text_encoder, batch_size)
+def measure(cfg: DataConfig, image_size: int, samples: int, batch_size: int, text_tokenizer) -> tuple[float, int]:
+    loader = build_pretrain_loader(cfg, image_size, text_tokenizer, batch_size)
     n, it = 0, iter(loader)
     first = next(it)  # worker start-up and shuffle-buffer fill are not throughput
     t0 = time.perf_counter()
@@ -168,11 +168,11 @@ def main() -> None:
     base = DataConfig(source="webdataset", urls=a.urls, shuffle_buffer=100, reduced_decode=not a.no_reduced_decode)
     if a.stages:
         return run_stages(a, base)
-    text_encoder = build_text_encoder(dataclasses.replace(base, tokenizer=a.tokenizer))
+    text_tokenizer = build_text_tokenizer(dataclasses.replace(base, tokenizer=a.tokenizer))
     for w in a.workers:
         for b in a.backends:
             cfg = dataclasses.replace(base, num_workers=w, resample=a.resample or w > 1, image_backend=b)
-            sps, n = measure(cfg, a.image_size, a.samples, a.batch_size, text_encoder)
+            sps, n = measure(cfg, a.image_size, a.samples, a.batch_size, text_tokenizer)
             label = "main process" if w == 0 else f"{w} workers"
             print(f"{label:>14}: {sps:8.1f} samples/s ({n} samples, {a.image_size}px, image_backend={b}, "
                   f"reduced_decode={cfg.reduced_decode}, {sps / max(w, 1):.1f} per worker)")

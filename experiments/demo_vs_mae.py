@@ -28,10 +28,9 @@ from pathlib import Path
 
 from m3ae.io import atomic_write
 
+from m3ae.reports.stats import direction
+
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # also when loaded by path (tests), not run as a script
-    sys.path.insert(0, str(HERE))
-from reproduce import compare  # noqa: E402  (the reproduction's seed-range rule)
 
 ROOT = HERE.parent
 MODELS = {"m3ae": [], "mae": ["data.paired_fraction=0"]}
@@ -64,12 +63,11 @@ def collect(out: Path, seeds: list[int]) -> dict:
 
 
 def verdict(m3ae: list[float], mae: list[float]) -> str:
-    """The reproduction's rule (:func:`reproduce.compare`) on paired seeds, in this table's words."""
+    """The reports' seed-range rule (:func:`m3ae.reports.stats.direction`), in this table's words."""
     if len(m3ae) < 2 or len(m3ae) != len(mae):
         return "too few seeds"
-    v = compare(m3ae, mae)
-    return {"reproduced in direction": "M3AE ahead in every seed",
-            "not reproduced (opposite direction)": "MAE ahead in every seed"}.get(v, v)
+    return {1: "M3AE ahead in every seed", -1: "MAE ahead in every seed",
+            0: "inconclusive (seed ranges overlap)"}[direction(m3ae, mae)]
 
 
 def report(out: Path, seeds: list[int], docs: Path = ROOT / "docs" / "results") -> dict:

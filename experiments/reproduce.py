@@ -52,7 +52,9 @@ import numpy as np
 
 from m3ae.config import PRESETS
 from m3ae.io import atomic_write
-from m3ae.pretrained import write_json_atomic
+from m3ae.io import write_json_atomic
+from m3ae.reports.stats import (compare, compare_noise, compare_strict, gap_stats, mean, ordinal,  # noqa: F401
+                                seeds_cell)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIN = "tiny-imagenet-captions"
@@ -440,22 +442,22 @@ def save_pictures(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: 
     from m3ae.evaluation import load_labelled, load_model, make_loader
     from m3ae.visualize import save_reconstruction_grid
 
-    model, text_encoder = load_model(run_dir / "final", device)
+    model, text_tokenizer = load_model(run_dir / "final", device)
     size = model.config.image_size
     pics = run_dir / "pictures"
     made = []
     g = torch.Generator(device=device).manual_seed(1234)  # the same masks for every model
     val = next(iter(make_loader(load_labelled(shards(data, TIN, "val"), size, limit=6), None, 6)))
-    made.append(str(save_reconstruction_grid(model, val, pics / "recon_val.png", text_encoder, generator=g)))
-    if spec.kind == "m3ae" and text_encoder is not None:
+    made.append(str(save_reconstruction_grid(model, val, pics / "recon_val.png", text_tokenizer, generator=g)))
+    if spec.kind == "m3ae" and text_tokenizer is not None:
         from m3ae.evaluation.attention import save_attention_figure
 
         train = load_labelled(shards(data, TIN, "train", 1), size, limit=6)
-        batch = next(iter(make_loader(train, text_encoder, 6)))
+        batch = next(iter(make_loader(train, text_tokenizer, 6)))
         g = torch.Generator(device=device).manual_seed(1234)
-        made.append(str(save_reconstruction_grid(model, batch, pics / "recon_train_captions.png", text_encoder,
+        made.append(str(save_reconstruction_grid(model, batch, pics / "recon_train_captions.png", text_tokenizer,
                                                  generator=g)))
-        made.append(str(save_attention_figure(model, text_encoder, batch, pics / "attention.png",
+        made.append(str(save_attention_figure(model, text_tokenizer, batch, pics / "attention.png",
                                              n=mode["attention_rows"])))
     return made
 
@@ -469,7 +471,7 @@ def caption_diagnostic(run_dir: Path, data: Path, device: str, n: int = 2000) ->
     from m3ae import M3AELoss
     from m3ae.evaluation import load_labelled, load_model, make_loader
 
-    model, text_encoder = load_model(run_dir / "final", device)
+    model, text_tokenizer = load_model(run_dir / "final", device)
     model.eval()
     loss = M3AELoss(text_norm="text")
     sums = {"with_image": [0.0, 0.0], "without_image": [0.0, 0.0]}
@@ -477,7 +479,7 @@ def caption_diagnostic(run_dir: Path, data: Path, device: str, n: int = 2000) ->
     g = torch.Generator().manual_seed(0)
     labelled = load_labelled(shards(data, TIN, "train"), model.config.image_size, limit=n)
     with torch.no_grad():
-        for batch in make_loader(labelled, text_encoder, 250):
+        for batch in make_loader(labelled, text_tokenizer, 250):
             image, text, pad = batch["image"].to(device), batch["text"].to(device), batch["text_padding_mask"].to(device)
             inoise = torch.rand(len(image), model.config.num_patches, generator=g).to(device)
             tnoise = torch.rand(text.shape, generator=g).to(device)
@@ -691,55 +693,6 @@ def _take_file(lock: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------ report
-def _mean(xs):
-    return float(np.mean(xs)) if xs else float("nan")
-
-
-def compare(a: list[float], b: list[float]) -> str:
-    """Verdict for "a beats b" across seeds: every a above every b -> reproduced; every a
-    below every b -> not reproduced; overlapping ranges -> inconclusive."""
-    if not a or not b:
-        return "not run"
-    if min(a) > max(b):
-        return "reproduced in direction"
-    if max(a) < min(b):
-        return "not reproduced (opposite direction)"
-    return "inconclusive (seed ranges overlap)"
-
-
-def gap_stats(a: list[float], b: list[float]) -> dict:
-    """Mean gap a - b, the larger sample standard deviation of the two, and their ratio."""
-    if len(a) < 2 or len(b) < 2:
-        return {"gap": _mean(a) - _mean(b), "max_std": float("nan"), "gap_over_std": float("nan")}
-    sd = max(float(np.std(a, ddof=1)), float(np.std(b, ddof=1)))
-    gap = _mean(a) - _mean(b)
-    return {"gap": gap, "max_std": sd, "gap_over_std": gap / sd if sd > 0 else float("inf")}
-
-
-def compare_strict(a: list[float], b: list[float], factor: float = 3.0) -> str:
-    """Claim 1's bar: every seed of ``a`` above every seed of ``b`` AND a mean gap of at least
-    ``factor`` times the larger seed standard deviation."""
-    verdict = compare(a, b)
-    if verdict != "reproduced in direction" or len(a) < 2 or len(b) < 2:
-        return verdict
-    g = gap_stats(a, b)
-    if g["gap"] >= factor * g["max_std"]:
-        return f"reproduced (every seed above; gap {g['gap']:.2f} = {g['gap_over_std']:.1f}x seed std)"
-    return (f"in direction, but not clearly (gap {g['gap']:.2f} is only {g['gap_over_std']:.1f}x the seed "
-            f"std; {factor:.0f}x needed)")
-
-
-def compare_noise(diff: float, noise: float) -> str:
-    """Verdict for a single-seed difference, against the seed-to-seed spread as noise."""
-    if diff != diff:
-        return "not run"
-    if diff > noise:
-        return "reproduced in direction"
-    if diff < -noise:
-        return "not reproduced (opposite direction)"
-    return "inconclusive (difference within seed spread)"
-
-
 # Every readout of a run's encoder: (key in result["probes"] and in its curve points, field).
 READOUTS = {"linear probe, CLS": ("cls", "top1"), "linear probe, mean": ("mean", "top1"),
             "kNN, CLS": ("cls", "knn_top1"), "kNN, mean": ("mean", "knn_top1"),
@@ -813,9 +766,9 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
                     if pool in point:
                         s["curve"].setdefault(kind, {}).setdefault(pool, {}).setdefault(
                             str(point["step"]), []).append(100 * point[pool]["top1"])
-    curve2 = {0.0: _mean(top1(by("mae", seed=s0)))}
+    curve2 = {0.0: mean(top1(by("mae", seed=s0)))}
     for p in paired_fractions + (1.0,):
-        curve2[p] = _mean(top1(by("m3ae", pf=p, tm=0.75, seed=s0)))
+        curve2[p] = mean(top1(by("m3ae", pf=p, tm=0.75, seed=s0)))
     noise = 0.0 if spread != spread else spread
     small = [curve2[p] - curve2[0.0] for p in paired_fractions]
     if any(d != d for d in small):
@@ -825,11 +778,11 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
     else:
         verdict2 = "inconclusive (the small fractions fall on different sides of MAE)"
     s["claim2"] = {"top1": {str(k): v for k, v in curve2.items()}, "verdict": verdict2}
-    curve3 = {r: _mean(top1(by("m3ae", pf=1.0, tm=r, seed=s0))) for r in sorted(text_mask_ratios + (0.75,))}
+    curve3 = {r: mean(top1(by("m3ae", pf=1.0, tm=r, seed=s0))) for r in sorted(text_mask_ratios + (0.75,))}
     high = [curve3[r] for r in curve3 if r >= 0.5 and curve3[r] == curve3[r]]
     best = max(curve3, key=lambda r: -1e9 if curve3[r] != curve3[r] else curve3[r])
     s["claim3"] = {"top1": {str(k): v for k, v in curve3.items()}, "best_ratio": best,
-                   "verdict": compare_noise(_mean(high) - curve3[0.15], noise)}
+                   "verdict": compare_noise(mean(high) - curve3[0.15], noise)}
     c4 = {}
     for setting in ("ood_far", "ood_near"):
         for metric in ("mahalanobis", "msp"):
@@ -864,15 +817,6 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
     s["full_estimate_hours"] = (full_seen / s["timing"]["pretrain_samples_per_s"]
                                 + full_imgs / s["timing"]["eval_images_per_s"]) / 3600
     return s
-
-
-def _fmt(xs, digits=1) -> str:
-    xs = [x for x in xs if x == x]
-    if not xs:
-        return "–"
-    if len(xs) == 1:
-        return f"{xs[0]:.{digits}f}"
-    return f"{np.mean(xs):.{digits}f} (" + ", ".join(f"{x:.{digits}f}" for x in xs) + ")"
 
 
 def make_plots(s: dict, docs: Path) -> list[str]:
@@ -978,13 +922,9 @@ def _plot_series(series: dict, chance, path: Path, columns: int = 0) -> str:
     return str(path)
 
 
-def _nth(k: int) -> str:
-    return {1: "", 2: "second", 3: "third", 4: "fourth"}.get(k, f"{k}th")
-
-
 def _data_text(m: dict) -> str:
     if m.get("classes"):
-        return (f"{m['classes']} of the 200 Tiny-ImageNet classes (every {_nth(200 // m['classes'])}, relabelled), "
+        return (f"{m['classes']} of the 200 Tiny-ImageNet classes (every {ordinal(200 // m['classes'])}, relabelled), "
                 f"all {200 * m['classes']:,} of their captioned train images and {50 * m['classes']:,} val images")
     n = m["train_shards"] or 8
     return f"the first {n} of 8 Tiny-ImageNet-captions train shards ({5000 * n:,} image–caption pairs)"
@@ -997,9 +937,9 @@ def _pool_table(s: dict) -> list[str]:
     L = ["| probe on | MAE top-1 (seeds) | M3AE top-1 (seeds) | gap | larger seed std | gap / std | "
          "MAE kNN | M3AE kNN | verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for pool, v in pools.items():
-        L.append(f"| {pool} | {_fmt(v['mae_top1'], 2)} | {_fmt(v['m3ae_top1'], 2)} | {v['gap']:+.2f} | "
-                 f"{v['max_std']:.2f} | {v['gap_over_std']:.1f} | {_fmt(v['mae_knn'], 2)} | "
-                 f"{_fmt(v['m3ae_knn'], 2)} | {v['verdict']} |")
+        L.append(f"| {pool} | {seeds_cell(v['mae_top1'], 2)} | {seeds_cell(v['m3ae_top1'], 2)} | {v['gap']:+.2f} | "
+                 f"{v['max_std']:.2f} | {v['gap_over_std']:.1f} | {seeds_cell(v['mae_knn'], 2)} | "
+                 f"{seeds_cell(v['m3ae_knn'], 2)} | {v['verdict']} |")
     gaps = s["claim1"].get("seed_gaps", {})
     if gaps:
         L += ["", f"Gap per seed (M3AE − MAE, same seed, `{s['claim1'].get('pool', 'cls')}` probe): "
@@ -1018,7 +958,7 @@ def _curve_text(s: dict, rel) -> list[str]:
         cells = []
         for p in POOLS:
             for kind in ("mae", "m3ae"):
-                cells.append(_fmt([_mean(s["curve"].get(kind, {}).get(p, {}).get(str(step), []))], 2))
+                cells.append(seeds_cell([mean(s["curve"].get(kind, {}).get(p, {}).get(str(step), []))], 2))
         L.append(f"| {step} | " + " | ".join(cells) + " |")
     L += ["", f"![probe curve]({rel(Path(s['_docs']) / 'results' / (s['mode'] + '_curve.png'))})"]
     return L
@@ -1034,7 +974,7 @@ def _design_text(s: dict, docs: Path) -> list[str]:
          "left the M3AE − MAE gap within the seed spread. The standard mode changes four things, each "
          "chosen to make the effect visible on 2 CPU cores within 90 minutes:",
          "",
-         f"- **A {m['classes']}-class subset** (every {_nth(200 // m['classes'])} Tiny-ImageNet class, all 200 images "
+         f"- **A {m['classes']}-class subset** (every {ordinal(200 // m['classes'])} Tiny-ImageNet class, all 200 images "
          "each): the same number of steps gives twice the passes over every class, so each class word in the "
          "captions is seen twice as often, and the probe's task shrinks with it. The probe is still trained "
          "and measured on Tiny-ImageNet images (train images of those classes; val images never seen).",
@@ -1085,8 +1025,8 @@ def _headline(s: dict) -> list[str]:
     for pool, v in pools.items():
         name = "CLS token (the paper's probe)" if pool == "cls" else "mean of the image tokens"
         n = min(len(v["m3ae_top1"]), len(v["mae_top1"]))
-        out.append(f"- **{name}**: M3AE {_fmt([_mean(v['m3ae_top1'])], 2)} % vs MAE {_fmt([_mean(v['mae_top1'])], 2)} % "
-                   f"top-1 ({n} seeds each, chance {_fmt([c1['chance']], 2)} %): gap {v['gap']:+.2f} points, "
+        out.append(f"- **{name}**: M3AE {seeds_cell([mean(v['m3ae_top1'])], 2)} % vs MAE {seeds_cell([mean(v['mae_top1'])], 2)} % "
+                   f"top-1 ({n} seeds each, chance {seeds_cell([c1['chance']], 2)} %): gap {v['gap']:+.2f} points, "
                    f"{v['gap_over_std']:.1f}x the larger seed std ({v['max_std']:.2f}) — {v['verdict']}.")
     return ["## Result in one paragraph", ""] + out + [""] + (_readout_reading(s) if s.get("readouts") else _reading(s))
 
@@ -1123,7 +1063,7 @@ def _readout_reading(s: dict) -> list[str]:
     curve = s.get("readout_curve", {}).get("linear probe, CLS", {})
     steps = sorted(curve, key=int)
     if len(steps) > 1:
-        gaps = [_mean(curve[k]["m3ae"]) - _mean(curve[k]["mae"]) for k in steps]
+        gaps = [mean(curve[k]["m3ae"]) - mean(curve[k]["mae"]) for k in steps]
         L.append("Along training the CLS probe's gap (mean M3AE − mean MAE) went "
                  + ", ".join(f"{g:+.2f} at step {k}" for k, g in zip(steps, gaps)) + " points.")
     diag = [d for n, d in s.get("caption_diag", {}).items() if n.startswith("m3ae_s")]
@@ -1184,7 +1124,7 @@ def _readouts_text(s: dict, rel) -> list[str]:
          "| readout | MAE (seeds) | M3AE (seeds) | gap | larger seed std | gap / std | verdict |",
          "|---|---|---|---|---|---|---|"]
     for label, v in r.items():
-        L.append(f"| {label} | {_fmt(v['mae'], 2)} | {_fmt(v['m3ae'], 2)} | {v['gap']:+.2f} | {v['max_std']:.2f} | "
+        L.append(f"| {label} | {seeds_cell(v['mae'], 2)} | {seeds_cell(v['m3ae'], 2)} | {v['gap']:+.2f} | {v['max_std']:.2f} | "
                  f"{v['gap_over_std']:.1f} | {v['verdict']} |")
     curve = s.get("readout_curve", {})
     steps = sorted({int(k) for c in curve.values() for k in c})
@@ -1196,7 +1136,7 @@ def _readouts_text(s: dict, rel) -> list[str]:
             cells = []
             for label in labels:
                 v = curve[label].get(str(step))
-                cells.append(f"{_mean(v['m3ae']) - _mean(v['mae']):+.2f}" if v and v["m3ae"] and v["mae"] else "–")
+                cells.append(f"{mean(v['m3ae']) - mean(v['mae']):+.2f}" if v and v["m3ae"] and v["mae"] else "–")
             L.append(f"| {step} | " + " | ".join(cells) + " |")
         L += ["", f"![readouts along training]({rel(Path(s['_docs']) / 'results' / (s['mode'] + '_readouts.png'))})"]
     return L
@@ -1242,25 +1182,25 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "## Verdicts", "",
           "| claim | paper | here | verdict |", "|---|---|---|---|",
           f"| 1. M3AE transfers better than MAE (linear probe top-1) | 61.3 vs 44.6 | "
-          f"{_fmt(c1['m3ae_top1'])} vs {_fmt(c1['mae_top1'])} | {c1['verdict']} |",
+          f"{seeds_cell(c1['m3ae_top1'])} vs {seeds_cell(c1['mae_top1'])} | {c1['verdict']} |",
           f"| 2. a small paired fraction helps ({', '.join(f'{float(k):.0%}' for k in small)} vs MAE) | "
           f"{', '.join(str(PAPER['claim2'][float(k)]) for k in small)} vs 44.6 | "
-          f"{', '.join(_fmt([c2['top1'][k]]) for k in small)} vs {_fmt([c2['top1']['0.0']])} | {c2['verdict']} |",
+          f"{', '.join(seeds_cell([c2['top1'][k]]) for k in small)} vs {seeds_cell([c2['top1']['0.0']])} | {c2['verdict']} |",
           f"| 3. high text mask ratio (50–90 %) beats 15 % | 75 % best | best {c3['best_ratio']:.0%}; "
-          f"15 %: {_fmt([c3['top1']['0.15']])}, mean of ≥50 %: "
-          f"{_fmt([np.mean([v for k, v in c3['top1'].items() if float(k) >= 0.5])])} | {c3['verdict']} |"]
+          f"15 %: {seeds_cell([c3['top1']['0.15']])}, mean of ≥50 %: "
+          f"{seeds_cell([np.mean([v for k, v in c3['top1'].items() if float(k) >= 0.5])])} | {c3['verdict']} |"]
     for metric, paper in (("mahalanobis", PAPER["claim4"]["mahalanobis"]), ("msp", PAPER["claim4"]["msp"])):
         for setting, what in (("ood_near", "near OOD, CIFAR-10 0–4 vs 5–9"), ("ood_far", "Tiny-ImageNet vs CIFAR-10")):
             v = c4[f"{setting}/{metric}"]
             L.append(f"| 4. M3AE detects OOD better ({metric}, {what}) | {paper['m3ae']} vs {paper['mae']} "
-                     f"(CIFAR-100 vs CIFAR-10) | {_fmt(v['m3ae'])} vs {_fmt(v['mae'])} | {v['verdict']} |")
+                     f"(CIFAR-100 vs CIFAR-10) | {seeds_cell(v['m3ae'])} vs {seeds_cell(v['mae'])} | {v['verdict']} |")
     L += ["", "How a verdict is decided (in `experiments/reproduce.py`): for claim 1, *reproduced* needs every "
           "M3AE seed above every MAE seed and a mean gap of at least 3x the larger seed standard deviation; "
           "for the others, with several seeds, *reproduced in "
           "direction* when every seed of the claimed-better model beats every seed of the other, "
           "*not reproduced* when every one is below, otherwise *inconclusive*. The ablations "
           "(claims 2, 3) have one seed; their difference counts only when it exceeds the seed-to-seed "
-          f"spread of the main comparison ({_fmt([s['seed_spread_top1']], 2)} top-1 points).", ""]
+          f"spread of the main comparison ({seeds_cell([s['seed_spread_top1']], 2)} top-1 points).", ""]
     L += ["## Setup", "",
           f"- Pre-training data: {_data_text(m)}, images resized to "
           f"{m['model']['image_size']} px, patch {m['model']['patch_size']}, caption length {m['text_len']} tokens.",
@@ -1280,7 +1220,7 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "text masking noise from separate streams seeded by (seed, step).",
           f"- Linear probe: BatchNorm (no affine) + linear layer on frozen CLS features, trained "
           f"{m['probe_epochs']} epochs on the labels of {m['probe_train']:,} Tiny-ImageNet train images, "
-          f"evaluated on {m['val']:,} val images ({m.get('classes') or 200} classes; chance {_fmt([c1['chance']], 2)} %). kNN (k=20) beside it.",
+          f"evaluated on {m['val']:,} val images ({m.get('classes') or 200} classes; chance {seeds_cell([c1['chance']], 2)} %). kNN (k=20) beside it.",
           f"- OOD: Mahalanobis (class means + shared covariance, fitted on the probe's training "
           "features) and max-softmax of the probe. *Far*: Tiny-ImageNet val (in) vs "
           f"{m['cifar_test']:,} CIFAR-10 test images (out). *Near*: probe and Mahalanobis fitted on "
@@ -1290,8 +1230,8 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "## Claim 1: linear probe, M3AE vs MAE", "",
           "| model | paper (ImageNet, ViT-B, CC12M) | top-1 here | top-5 here | kNN top-1 here |",
           "|---|---|---|---|---|",
-          f"| MAE | {PAPER['claim1']['mae']} | {_fmt(c1['mae_top1'])} | {_fmt(c1['mae_top5'])} | {_fmt(c1['mae_knn'])} |",
-          f"| M3AE | {PAPER['claim1']['m3ae']} | {_fmt(c1['m3ae_top1'])} | {_fmt(c1['m3ae_top5'])} | {_fmt(c1['m3ae_knn'])} |",
+          f"| MAE | {PAPER['claim1']['mae']} | {seeds_cell(c1['mae_top1'])} | {seeds_cell(c1['mae_top5'])} | {seeds_cell(c1['mae_knn'])} |",
+          f"| M3AE | {PAPER['claim1']['m3ae']} | {seeds_cell(c1['m3ae_top1'])} | {seeds_cell(c1['m3ae_top5'])} | {seeds_cell(c1['m3ae_knn'])} |",
           "", f"Rows above: the `{c1.get('pool', 'cls')}` probe. Every pool, with the bar the verdict applies "
           "(every M3AE seed above every MAE seed, and a mean gap of at least 3x the larger seed standard "
           "deviation):", ""] + _pool_table(s) + _readouts_text(s, rel) + _curve_text(s, rel) + _caption_text(s) + [
@@ -1299,19 +1239,19 @@ def write_markdown(s: dict, docs: Path, pictures: list[str]) -> Path:
           "| paired fraction | paper top-1 | top-1 here |", "|---|---|---|"]
     for k, v in c2["top1"].items():
         paper = PAPER["claim2"].get(float(k), PAPER["claim1"]["mae"] if float(k) == 0 else None)
-        L.append(f"| {float(k):.0%}{' (MAE)' if float(k) == 0 else ''} | {paper if paper else '–'} | {_fmt([v])} |")
+        L.append(f"| {float(k):.0%}{' (MAE)' if float(k) == 0 else ''} | {paper if paper else '–'} | {seeds_cell([v])} |")
     L += ["", "## Claim 3: text mask ratio", "", "| text mask ratio | top-1 here |", "|---|---|"]
     for k, v in c3["top1"].items():
-        L.append(f"| {float(k):.0%} | {_fmt([v])} |")
+        L.append(f"| {float(k):.0%} | {seeds_cell([v])} |")
     L += ["", f"Paper: {PAPER['claim3']}.", "", "## Claim 4: OOD detection (AUROC %)", "",
           "| setting | score | paper MAE | paper M3AE | MAE here | M3AE here |", "|---|---|---|---|---|---|"]
     for setting, what in (("ood_near", "near: CIFAR-10 0–4 vs 5–9"), ("ood_far", "far: Tiny-ImageNet vs CIFAR-10")):
         for metric in ("mahalanobis", "msp"):
             v = c4[f"{setting}/{metric}"]
             p = PAPER["claim4"][metric]
-            L.append(f"| {what} | {metric} | {p['mae']} | {p['m3ae']} | {_fmt(v['mae'])} | {_fmt(v['m3ae'])} |")
+            L.append(f"| {what} | {metric} | {p['mae']} | {p['m3ae']} | {seeds_cell(v['mae'])} | {seeds_cell(v['m3ae'])} |")
         acc = c4[f"{setting}/id_accuracy"]
-        L.append(f"| {what} | (probe accuracy on in-dist. test) | | | {_fmt(acc['mae'])} | {_fmt(acc['m3ae'])} |")
+        L.append(f"| {what} | (probe accuracy on in-dist. test) | | | {seeds_cell(acc['mae'])} | {seeds_cell(acc['m3ae'])} |")
     L += ["", "## Plots and pictures", "", f"![claims]({rel(pictures[0])})", ""]
     for p in pictures[1:]:
         if p.endswith(("_curve.png", "_readouts.png")):

@@ -1,13 +1,13 @@
 import pytest
 
-from m3ae.tokenizer import TextEncoder, TokenizerNotFound, from_vocab_file, load_tokenizer, train_wordpiece
+from m3ae.tokenizer import TextTokenizer, TokenizerNotFound, from_vocab_file, load_tokenizer, train_wordpiece
 
 
 def test_vocab_txt_bert_uncased(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "on", "the", "left", "##s", "."]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = load_tokenizer(tmp_path)  # a folder with vocab.txt
-    enc = TextEncoder(tok, text_len=6)
+    enc = TextTokenizer(tok, text_len=6)
     ids, pad = enc(["A RED circles on the left.", ""])
     assert ids[0].tolist() == [5, 6, 7, 11, 8, 9]  # lowercased, WordPiece '##s', truncated to 6
     assert not pad[0].any() and pad[1].all() and ids[1].tolist() == [0] * 6
@@ -48,3 +48,11 @@ def test_training_prints_nothing_off_terminal(capfd):
     train_wordpiece(["a red circle on the left", "a blue square at the top"] * 20, vocab_size=60)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_old_name_text_encoder_still_imports_with_a_warning():
+    import m3ae.tokenizer as tokenizer_module
+
+    with pytest.warns(DeprecationWarning, match="TextTokenizer"):
+        old = tokenizer_module.TextEncoder
+    assert old is tokenizer_module.TextTokenizer

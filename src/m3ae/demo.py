@@ -31,7 +31,8 @@ from .data.transforms import denormalize
 from .data.synthetic import COLOURS, SHAPES, ShapesDataset, render_sample
 from .io import atomic_write, read_jsonl
 from .model import M3AE
-from .tokenizer import TextEncoder, load_tokenizer
+from .reports.stats import describe_gap, pct, versus_chance  # noqa: F401  (pct: tests format with it)
+from .tokenizer import TextTokenizer, load_tokenizer
 from .training import pretrain
 from .training.checkpoint import checkpoint_step, list_checkpoints
 from .visualize import reconstruction_images, save_figure, save_reconstruction_grid
@@ -63,7 +64,7 @@ def demo_config(overrides: list[str] | None = None) -> Config:
 
 # ----------------------------------------------------------------------------- held-out data
 
-def held_out(n: int, image_size: int, text_encoder: TextEncoder, seed: int = EVAL_SEED):
+def held_out(n: int, image_size: int, text_tokenizer: TextTokenizer, seed: int = EVAL_SEED):
     """-> (collated batch of the first ``n`` samples of ``seed``, their captions, their objects)."""
     tf = EvalTransform(image_size)
     samples, captions, objects = [], [], []
@@ -72,7 +73,7 @@ def held_out(n: int, image_size: int, text_encoder: TextEncoder, seed: int = EVA
         samples.append(tf(dict(key=f"shapes-{seed}-{i:08d}", image=img, caption=caption, label=label)))
         captions.append(caption)
         objects.append(objs)
-    return Collator(text_encoder)(samples), captions, objects
+    return Collator(text_tokenizer)(samples), captions, objects
 
 
 def _batches(batch: dict, size: int):
@@ -112,8 +113,8 @@ def masked_word_accuracy(model: M3AE, batch: dict, word_sets: dict[str, set[int]
     return {**acc, "count": count}
 
 
-def word_sets(text_encoder: TextEncoder) -> dict[str, set[int]]:
-    vocab = text_encoder.tokenizer.get_vocab()
+def word_sets(text_tokenizer: TextTokenizer) -> dict[str, set[int]]:
+    vocab = text_tokenizer.tokenizer.get_vocab()
     return {"colour": {vocab[w] for w in COLOURS}, "shape": {vocab[w] for w in SHAPES},
             "all": set(vocab.values())}
 
@@ -211,7 +212,7 @@ def _hide_one_shape(orig01: torch.Tensor, captions: list[str], objects: list[lis
 
 
 @torch.no_grad()
-def fully_hidden_colours(model: M3AE, text_encoder: TextEncoder, batch: dict, captions: list[str],
+def fully_hidden_colours(model: M3AE, text_tokenizer: TextTokenizer, batch: dict, captions: list[str],
                          objects: list[list[dict]], seed: int = 0) -> tuple[dict, dict]:
     """Cross-modal reconstruction: in every image one shape is hidden completely.
     -> (fractions that come back in the caption's colour (``caption``), in the changed
@@ -224,8 +225,8 @@ def fully_hidden_colours(model: M3AE, text_encoder: TextEncoder, batch: dict, ca
         return {"caption": 0.0, "swapped": 0.0, "no_caption": 0.0, "n": 0}, {}
     idx = [c["i"] for c in cases]
     image, noise = x["image"][idx], torch.stack([c["noise"] for c in cases])
-    true_ids, true_pad = text_encoder([captions[i] for i in idx])
-    swap_ids, swap_pad = text_encoder([c["swapped"] for c in cases])
+    true_ids, true_pad = text_tokenizer([captions[i] for i in idx])
+    swap_ids, swap_pad = text_tokenizer([c["swapped"] for c in cases])
     masked, with_caption = _reconstruct(model, image, true_ids, true_pad, noise)
     pics = {"original": orig[idx], "masked": masked, "caption": with_caption,
             "swapped": _reconstruct(model, image, swap_ids, swap_pad, noise)[1],
@@ -308,33 +309,6 @@ def probe_comparison(model: M3AE, cfg: Config, n_train: int = 2000, n_test: int 
 
 # ----------------------------------------------------------------------------- summary
 
-def pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
-
-
-def versus_chance(acc: float, chance: float) -> str:
-    """Words for an accuracy against chance, from the numbers alone."""
-    if acc >= chance + 0.5 * (1 - chance):
-        return "far above chance"
-    if acc > chance + 0.1:
-        return "above chance"
-    if acc >= chance - 0.1:
-        return "near chance"
-    return "below chance"
-
-
-def margin(a: float, b: float) -> str:
-    """Words for the gap between two accuracies (a - b)."""
-    d = a - b
-    if d >= 0.1:
-        return f"{100 * d:.1f} points above"
-    if d > 0.02:
-        return f"only {100 * d:.1f} points above"
-    if d >= -0.02:
-        return "level with"
-    return f"{100 * -d:.1f} points below"
-
-
 def render_summary(s: dict) -> str:
     """``summary.md`` from ``summary.json``'s content: every number and every comparison in
     it comes from ``s``."""
@@ -392,8 +366,8 @@ def render_summary(s: dict) -> str:
     lines.append("")
     for task in PROBE_TASKS:
         q = p[task]
-        lines.append(f"- {task}: the trained encoder is {margin(q['trained'], q['random_init'])} its "
-                     f"initialisation and {margin(q['trained'], q['pixels'])} raw pixels.")
+        lines.append(f"- {task}: the trained encoder is {describe_gap(q['trained'], q['random_init'])} its "
+                     f"initialisation and {describe_gap(q['trained'], q['pixels'])} raw pixels.")
     lines += [
         "",
         "## Files", "",
@@ -466,7 +440,7 @@ def _train(cfg: Config, out_dir: Path, progress: bool, say) -> dict:
 def evaluate(out_dir: Path, cfg: Config, eval_samples: int, probe_sizes: tuple[int, int] = (2000, 1000)) -> dict:
     """Every measurement of the summary, on the trained model in ``out_dir/final``; writes the pictures."""
     model = M3AE.from_pretrained(out_dir / "final").eval()
-    te = TextEncoder(load_tokenizer(out_dir / "final"), cfg.data.text_len)
+    te = TextTokenizer(load_tokenizer(out_dir / "final"), cfg.data.text_len)
     batch, captions, objects = held_out(eval_samples, cfg.model.image_size, te)
     words = masked_word_accuracy(model, batch, word_sets(te))
     words |= {"samples": eval_samples, "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}}

@@ -312,6 +312,15 @@ class M3AE(nn.Module):
             raise ValueError(f"caption length {t} exceeds max_text_len={self.config.max_text_len}")
         return self.text_embed(text) + self.enc_text_pos[:, :t] + self._type("encoder_text_type")
 
+    @staticmethod
+    def _encoder_stream(x: torch.Tensor, valid: torch.Tensor, mask_ratio: float, generator, noise,
+                        all_valid: bool = False) -> tuple[torch.Tensor, Masking]:
+        """Embedded tokens of one modality -> the kept ones (the encoder's slots) and their masking."""
+        if mask_ratio > 0:
+            m = random_masking(valid, mask_ratio, generator=generator, noise=noise, all_valid=all_valid)
+            return gather_tokens(x, m.ids_keep), m
+        return x, no_masking(valid, all_valid=all_valid)
+
     def forward_encoder(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                         text_padding_mask: torch.Tensor | None = None,
                         image_valid: torch.Tensor | None = None, *,
@@ -341,12 +350,7 @@ class M3AE(nn.Module):
             all_valid = image_valid is None
             valid = (torch.ones(b, n, dtype=torch.bool, device=image.device) if all_valid
                      else image_valid.bool()[:, None].expand(b, n))
-            if image_mask_ratio > 0:
-                img_m = random_masking(valid, image_mask_ratio, generator=generator,
-                                       noise=image_noise, all_valid=all_valid)
-                x_img = gather_tokens(x_img, img_m.ids_keep)
-            else:
-                img_m = no_masking(valid, all_valid=all_valid)
+            x_img, img_m = self._encoder_stream(x_img, valid, image_mask_ratio, generator, image_noise, all_valid)
             parts.append(x_img)
             valids.append(img_m.slot_valid)
             needs_mask |= not all_valid
@@ -354,13 +358,9 @@ class M3AE(nn.Module):
         if text is not None:
             if text_padding_mask is None:
                 text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
-            valid = text_valid = ~text_padding_mask.bool()
-            x_txt = self.embed_text(text)
-            if text_mask_ratio > 0:
-                txt_m = random_masking(valid, text_mask_ratio, generator=generator, noise=text_noise)
-                x_txt = gather_tokens(x_txt, txt_m.ids_keep)
-            else:
-                txt_m = no_masking(valid)
+            text_valid = ~text_padding_mask.bool()
+            x_txt, txt_m = self._encoder_stream(self.embed_text(text), text_valid, text_mask_ratio, generator,
+                                                text_noise)
             parts.append(x_txt)
             valids.append(txt_m.slot_valid)
             needs_mask = True
@@ -395,27 +395,28 @@ class M3AE(nn.Module):
         y = self.decoder_embed(enc.latent)
         b = y.shape[0]
         parts, valids = [y[:, :1]], [torch.ones(b, 1, dtype=torch.bool, device=y.device)]
-        needs_mask = False
-        start, n_img, n_txt = 1, 0, 0
-        if enc.image_masking is not None:
-            m = enc.image_masking
-            n_img = m.ids_restore.shape[1]
-            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, self.image_mask_token,
-                                              self.dec_image_pos, self._type("decoder_image_type")))
+        needs_mask, start, lengths = False, 1, []
+        # (masking, mask token, positions, type, which positions are attended to: None = all).
+        # Samples without an image: their (mask-token) image positions are not attended to;
+        # caption padding stays invisible in the decoder too.
+        streams = ((enc.image_masking, self.image_mask_token, self.dec_image_pos, "decoder_image_type",
+                    None if enc.image_valid is None else enc.image_valid[:, None]),
+                   (enc.text_masking, self.text_mask_token, self.dec_text_pos, "decoder_text_type", enc.text_valid))
+        for m, mask_token, pos, type_name, attended in streams:
+            if m is None:
+                lengths.append(0)
+                continue
+            n = m.ids_restore.shape[1]
+            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, mask_token, pos,
+                                              self._type(type_name)))
             start += m.num_slots
-            # Samples without an image: their (mask-token) image positions are not attended to.
-            if enc.image_valid is not None:
-                valids.append(enc.image_valid[:, None].expand(b, n_img))
-                needs_mask = True
+            if attended is None:
+                valids.append(torch.ones(b, n, dtype=torch.bool, device=y.device))
             else:
-                valids.append(torch.ones(b, n_img, dtype=torch.bool, device=y.device))
-        if enc.text_masking is not None:
-            m = enc.text_masking
-            n_txt = m.ids_restore.shape[1]
-            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, self.text_mask_token,
-                                              self.dec_text_pos, self._type("decoder_text_type")))
-            valids.append(enc.text_valid)  # caption padding stays invisible in the decoder too
-            needs_mask = True
+                valids.append(attended.expand(b, n))
+                needs_mask = True
+            lengths.append(n)
+        n_img, n_txt = lengths
         x = torch.cat(parts, dim=1)
         key_valid = torch.cat(valids, dim=1) if needs_mask else None
         x = self.decoder(x, key_valid)

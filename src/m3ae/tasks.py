@@ -19,7 +19,7 @@ import torch
 from .evaluation.zero_shot import build_prompt, class_scores, hidden_token_logits, masked_prompt, prompt_log_likelihood
 from .factory import ImageTransform
 from .model import M3AE
-from .tokenizer import TextEncoder
+from .tokenizer import TextTokenizer
 
 __all__ = ["fill_mask", "reconstruct", "zero_shot", "Reconstruction"]
 
@@ -41,7 +41,7 @@ def _images(model: M3AE, image) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def fill_mask(model: M3AE, tokenizer: TextEncoder, image, text: str, top_k: int = 5
+def fill_mask(model: M3AE, tokenizer: TextTokenizer, image, text: str, top_k: int = 5
               ) -> list[list[tuple[str, float]]]:
     """For each ``[MASK]`` in ``text`` (left to right), the ``top_k`` words the model predicts
     there with their probabilities, given the image (``None``: the caption alone).
@@ -86,7 +86,7 @@ def _pil(x: torch.Tensor):
 
 @torch.no_grad()
 def reconstruct(model: M3AE, image, caption: str | None = None, mask_ratio: float = 0.75, seed: int = 0, *,
-                tokenizer: TextEncoder | None = None, norm_pix_loss: bool = False) -> Reconstruction:
+                tokenizer: TextTokenizer | None = None, norm_pix_loss: bool = False) -> Reconstruction:
     """Hide ``mask_ratio`` of the image's patches (a draw fixed by ``seed``) and reconstruct
     them, from the visible patches alone and, with ``caption`` (needs ``tokenizer``), from the
     visible patches and the whole caption: the same patches hidden in both.
@@ -118,7 +118,7 @@ def reconstruct(model: M3AE, image, caption: str | None = None, mask_ratio: floa
 
 
 @torch.no_grad()
-def zero_shot(model: M3AE, tokenizer: TextEncoder, image, class_names: list[str],
+def zero_shot(model: M3AE, tokenizer: TextTokenizer, image, class_names: list[str],
               template: str = "a photo of a {}.", calibrate: bool = False, normalize: str = "mean"):
     """Class names ranked for an image: ``[(name, score), ...]`` best first, or one such list
     per image for a batch or a list of images.

@@ -107,8 +107,9 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
     return tok
 
 
-class TextEncoder:
-    """Captions -> fixed-length id tensors and padding masks."""
+class TextTokenizer:
+    """Captions -> fixed-length id tensors and padding masks: a WordPiece ``tokenizers.Tokenizer``
+    cut or padded to ``text_len`` (the model's text input; not a network)."""
 
     def __init__(self, tokenizer: Tokenizer, text_len: int = 64):
         self.tokenizer = tokenizer
@@ -138,9 +139,9 @@ class TextEncoder:
         return [self.tokenizer.id_to_token(int(i)) or "[UNK]" for i in ids]
 
 
-class CaptionTokenizer(TextEncoder):
+class CaptionTokenizer(TextTokenizer):
     """The user-facing tokenizer of :func:`m3ae.load_pretrained` / :func:`m3ae.get_tokenizer`:
-    a :class:`TextEncoder` that also takes a single string and says when it truncates.
+    a :class:`TextTokenizer` that also takes a single string and says when it truncates.
 
     ``tokenizer("a red circle")`` or ``tokenizer([...])`` -> ``(ids, padding_mask)``, both
     (B, text_len), the padding mask True at padding; ``tokenizer.decode(ids)`` -> words.
@@ -165,3 +166,13 @@ class CaptionTokenizer(TextEncoder):
         """Token ids -> text (WordPiece pieces joined), padding left out."""
         ids = [int(i) for i in ids if not (skip_padding and int(i) == self.pad_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def __getattr__(name: str):
+    # TextEncoder was this class's first name; "text encoder" means a network in multimodal code.
+    if name == "TextEncoder":
+        import warnings
+
+        warnings.warn("m3ae.tokenizer.TextEncoder is now TextTokenizer", DeprecationWarning, stacklevel=2)
+        return TextTokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

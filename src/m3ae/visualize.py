@@ -49,7 +49,7 @@ def reconstruction_images(model, image: torch.Tensor, out, norm_pix_loss: bool =
     return original, masked, pasted
 
 
-def caption_with_predictions(text_encoder, ids, padding, text_mask, logits_row) -> str:
+def caption_with_predictions(text_tokenizer, ids, padding, text_mask, logits_row) -> str:
     """Caption tokens with masked ones shown as [true→predicted]."""
     words = []
     pred = logits_row.argmax(-1) if logits_row is not None else None
@@ -57,9 +57,9 @@ def caption_with_predictions(text_encoder, ids, padding, text_mask, logits_row) 
         if padding[j]:
             break
         # Ids the tokenizer lacks (a model vocabulary larger than the tokenizer's) show as [UNK].
-        tok = text_encoder.decode_tokens([ids[j]])[0]
+        tok = text_tokenizer.decode_tokens([ids[j]])[0]
         if text_mask[j] and pred is not None:
-            guess = text_encoder.decode_tokens([pred[j]])[0]
+            guess = text_tokenizer.decode_tokens([pred[j]])[0]
             words.append(f"[{tok}→{guess}]" if guess != tok else f"[{tok}]")
         else:
             words.append(tok)
@@ -67,7 +67,7 @@ def caption_with_predictions(text_encoder, ids, padding, text_mask, logits_row) 
 
 
 @torch.no_grad()
-def save_reconstruction_grid(model, batch: dict, path: str | Path, text_encoder=None, n: int = 6,
+def save_reconstruction_grid(model, batch: dict, path: str | Path, text_tokenizer=None, n: int = 6,
                              generator: torch.Generator | None = None, norm_pix_loss: bool = False) -> Path:
     """A PNG with one row per sample: original, masked, reconstruction (+ caption predictions)."""
     device = next(model.parameters()).device
@@ -88,8 +88,8 @@ def save_reconstruction_grid(model, batch: dict, path: str | Path, text_encoder=
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(title, fontsize=9)
-        if text is not None and text_encoder is not None:
-            cap = caption_with_predictions(text_encoder, text[i].cpu(), pad[i].cpu(), out.text_mask[i].cpu(),
+        if text is not None and text_tokenizer is not None:
+            cap = caption_with_predictions(text_tokenizer, text[i].cpu(), pad[i].cpu(), out.text_mask[i].cpu(),
                                            out.text_logits[i].cpu())
             # Whole words only: a predicted word is shown as one [token] that must not be cut.
             axes[i, 1].set_xlabel(textwrap.fill(cap, 70, break_long_words=False, break_on_hyphens=False),

@@ -181,7 +181,7 @@ def test_a_box_is_that_crop_of_the_image_resized():
 
 # -------------------------------------------------------------------------------- loader
 def _loader(cache_dir, **kw):
-    args = dict(image_size=16, batch_size=4, text_encoder=_Words(), seed=3)
+    args = dict(image_size=16, batch_size=4, text_tokenizer=_Words(), seed=3)
     return CacheLoader(ImageCache(cache_dir), **{**args, **kw})
 
 
@@ -223,12 +223,12 @@ def test_a_flip_swaps_left_and_right_in_the_caption(tmp_path):
     words = _Words()
     words(["a dog on the left", "a dog on the right"])  # ids: a=1 dog=2 on=3 the=4 left=5 right=6
     flipped = next(iter(CacheLoader(ImageCache(tmp_path / "c"), image_size=8, batch_size=4,
-                                    text_encoder=words, hflip=1.0)))
+                                    text_tokenizer=words, hflip=1.0)))
     kept = next(iter(CacheLoader(ImageCache(tmp_path / "c"), image_size=8, batch_size=4,
-                                 text_encoder=words, hflip=0.0)))
+                                 text_tokenizer=words, hflip=0.0)))
     assert flipped["text"][:, 4].tolist() == [6] * 4 and kept["text"][:, 4].tolist() == [5] * 4
     no_swap = next(iter(CacheLoader(ImageCache(tmp_path / "c"), image_size=8, batch_size=4,
-                                    text_encoder=words, hflip=1.0, swap_captions=False)))
+                                    text_tokenizer=words, hflip=1.0, swap_captions=False)))
     assert no_swap["text"][:, 4].tolist() == [5] * 4
 
 

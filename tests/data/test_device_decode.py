@@ -19,7 +19,7 @@ from m3ae.data.decode import decode_image
 from m3ae.data.device_decode import (DeferredPretrainTransform, DeviceDecoder,
                                      check_decode_device, collate_pending, pending_image)
 from m3ae.data.transforms import IMAGENET_STD, PretrainTransform
-from m3ae.tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab
+from m3ae.tokenizer import SPECIAL_TOKENS, TextTokenizer, from_vocab
 
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 TOL_MAX, TOL_MEAN = 1.01, 0.25  # pixel levels (of 255), photo-like images
@@ -110,7 +110,7 @@ def test_the_loader_hands_over_bytes_and_yields_decoded_batches(tmp_path, monkey
     """The wiring, with the batched path on the CPU: the workers' batches carry JPEG bytes, the
     loader yields images equal to the per-sample loader's, same keys, same skip counts."""
     urls = pair_shards(tmp_path / "s", 2, 6)
-    enc = TextEncoder(from_vocab(list(SPECIAL_TOKENS) + ["caption"] + [str(i) for i in range(10)]), 8)
+    enc = TextTokenizer(from_vocab(list(SPECIAL_TOKENS) + ["caption"] + [str(i) for i in range(10)]), 8)
     base = DataConfig(source="webdataset", urls=urls, shuffle_buffer=4)
 
     def batches(cfg):

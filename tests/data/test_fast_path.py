@@ -18,7 +18,7 @@ from torchvision.transforms import RandomResizedCrop
 import m3ae.data.decode as decode_mod
 from helpers import image_bytes, write_tar
 from m3ae.config import DataConfig
-from m3ae.data import build_dataset, build_text_encoder
+from m3ae.data import build_dataset, build_text_tokenizer
 from m3ae.data.decode import BadSample, decode_image
 from m3ae.data.sources import open_indexed_source
 from m3ae.data.transforms import IMAGENET_STD, EvalTransform, PretrainTransform
@@ -155,6 +155,6 @@ def test_data_benchmark_times_the_loaders_stages(tmp_path):
                      tokenizer_vocab_size=100)
     raws, read = bench.read_raw(cfg, 100)
     assert len(raws) == 6 and read[0] >= 0
-    times = bench.stage_times(cfg, 32, raws, build_text_encoder(cfg), batch_size=4)
+    times = bench.stage_times(cfg, 32, raws, build_text_tokenizer(cfg), batch_size=4)
     assert set(times) == set(bench.STAGES) | {"sum of stages", "whole (as the loader)"}
     assert all(cpu >= 0 and wall > 0 for cpu, wall in times.values())

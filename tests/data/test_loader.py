@@ -174,10 +174,10 @@ def test_collator_drops_skips_and_keeps_events():
 def test_stream_resume_with_workers_continues_with_the_reader_whose_turn_it_was(tmp_path, stop):
     """Two workers take turns; after an odd number of batches the next one is worker 1's,
     and a resumed loader (whose DataLoader asks its worker 0 first) must yield that one."""
-    from m3ae.tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab
+    from m3ae.tokenizer import SPECIAL_TOKENS, TextTokenizer, from_vocab
 
     cfg = DataConfig(source="webdataset", urls=pair_shards(tmp_path / "s", 2, 12), shuffle_buffer=4, num_workers=2)
-    enc = TextEncoder(from_vocab(list(SPECIAL_TOKENS) + ["caption"] + [str(i) for i in range(12)]), 8)
+    enc = TextTokenizer(from_vocab(list(SPECIAL_TOKENS) + ["caption"] + [str(i) for i in range(12)]), 8)
     ref = [b["key"] for b in build_pretrain_loader(cfg, 16, enc, 4, seed=1)]
     first = build_pretrain_loader(cfg, 16, enc, 4, seed=1)
     it = iter(first)

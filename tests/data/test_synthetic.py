@@ -3,7 +3,7 @@ import torch
 
 from m3ae.data import Collator, EpochSampler, ShapesDataset, keeps_caption
 from m3ae.data.synthetic import COLOURS, SHAPES, position_phrase, render_sample
-from m3ae.tokenizer import TextEncoder, train_wordpiece
+from m3ae.tokenizer import TextTokenizer, train_wordpiece
 
 
 def test_deterministic_and_independent_of_image_size():
@@ -58,7 +58,7 @@ def test_paired_fraction_is_deterministic_and_accurate():
 
 
 def test_collator_marks_missing_modalities():
-    tok = TextEncoder(train_wordpiece(["a red circle"] * 5, vocab_size=50), text_len=5)
+    tok = TextTokenizer(train_wordpiece(["a red circle"] * 5, vocab_size=50), text_len=5)
     img = torch.zeros(3, 8, 8)
     batch = Collator(tok)([dict(key="a", image=img, caption="a red circle", label=1),
                            dict(key="b", image=None, caption="a circle", label=2),

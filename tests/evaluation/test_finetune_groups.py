@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from m3ae.config import model_config
-from m3ae.evaluation.finetune import Classifier, param_groups
+from m3ae.evaluation.finetune import Classifier, freeze_and_group
 from m3ae.model import M3AE
 from m3ae.training import optim
 
@@ -15,7 +15,7 @@ def test_finetune_groups_use_the_pretraining_decay_rule(last_blocks):
     model = M3AE(model_config("tiny", image_size=32, patch_size=8, emb_dim=32, depth=depth, num_heads=4,
                               dec_emb_dim=16, dec_depth=1, dec_num_heads=2, vocab_size=100))
     clf = Classifier(model, 4)
-    groups = param_groups(clf, lr=0.1, weight_decay=0.05, layer_decay=decay, last_blocks=last_blocks)
+    groups = freeze_and_group(clf, lr=0.1, weight_decay=0.05, layer_decay=decay, last_blocks=last_blocks)
     names = {id(p): n for n, p in clf.named_parameters()}
     trained = {names[id(p)] for g in groups for p in g["params"]}
     assert trained == {n for n, p in clf.named_parameters() if p.requires_grad}

@@ -44,10 +44,10 @@ def fp32_run(dev, overrides, tmp_path_factory) -> Path:
 def test_pretrain_fp32_from_shards_pinned(dev, overrides, fp32_run):
     """20 steps in fp32 (fp32_run) and the loader it used: pinned host batches on CUDA, and
     the step's copies are non-blocking (model_inputs)."""
-    from m3ae.data import build_pretrain_loader, build_text_encoder
+    from m3ae.data import build_pretrain_loader, build_text_tokenizer
 
     cfg = build_config("tiny", None, overrides)
-    loader = build_pretrain_loader(cfg.data, cfg.model.image_size, build_text_encoder(cfg.data), 8)
+    loader = build_pretrain_loader(cfg.data, cfg.model.image_size, build_text_tokenizer(cfg.data), 8)
     batch = next(iter(loader))
     assert batch["image"].is_pinned() == (dev.type == "cuda") and batch["text"].is_pinned() == (dev.type == "cuda")
     assert read_metrics(fp32_run / "metrics.jsonl")[-1]["data/seen"] >= 160
@@ -225,11 +225,11 @@ def test_gpu_jpeg_decode(dev, overrides, tmp_path):
     IDCT and chroma upsampling differ by a few levels; a wrong crop or flip is tens of levels off
     on average), and a pre-training run reads its shards that way."""
     cuda_only(dev, "data.decode_device=cuda (tests/data/test_device_decode.py runs the batched path on the CPU)")
-    from m3ae.data import build_pretrain_loader, build_text_encoder
+    from m3ae.data import build_pretrain_loader, build_text_tokenizer
     from m3ae.data.transforms import IMAGENET_STD
 
     cfg = build_config("tiny", None, overrides + ["data.num_workers=0"])
-    enc = build_text_encoder(cfg.data)
+    enc = build_text_tokenizer(cfg.data)
     batches = []
     for where in ("cpu", str(dev)):
         cfg.data.decode_device = where

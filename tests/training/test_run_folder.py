@@ -118,10 +118,10 @@ def test_a_model_vocabulary_larger_than_the_tokenizer_is_noted(h, tiny, tmp_path
 
 
 def test_unknown_ids_show_as_unk_in_reconstruction_captions(tokenizer_file):
-    from m3ae.tokenizer import TextEncoder, load_tokenizer
+    from m3ae.tokenizer import TextTokenizer, load_tokenizer
     from m3ae.visualize import caption_with_predictions
 
-    te = TextEncoder(load_tokenizer(tokenizer_file), 8)
+    te = TextTokenizer(load_tokenizer(tokenizer_file), 8)
     ids = torch.tensor(te.ids("a red circle")[:2] + [250])  # 250: beyond the built-in tokenizer
     logits = torch.zeros(3, 256)
     logits[:, 251] = 1.0

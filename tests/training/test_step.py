@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from m3ae.config import build_config
-from m3ae.data import build_pretrain_loader, build_text_encoder
+from m3ae.data import build_pretrain_loader, build_text_tokenizer
 from m3ae.model import M3AE
 from m3ae.training.step import TrainStep
 
@@ -53,7 +53,7 @@ def _step_and_batches(overrides, n):
                                       "model.max_text_len=16", "data.text_len=16", "data.synthetic_size=64",
                                       "train.batch_size=4", "train.lr=1e-3", "train.warmup_steps=1",
                                       *overrides])
-    text = build_text_encoder(cfg.data)
+    text = build_text_tokenizer(cfg.data)
     cfg.model.vocab_size = max(cfg.model.vocab_size, text.vocab_size)
     loader = iter(build_pretrain_loader(cfg.data, cfg.model.image_size, text, cfg.train.batch_size))
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ local or remote), ``hdf5`` (the official M3AE layout), ``table`` (CSV/TSV/JSONL/
 :mod:`m3ae.data.cache`), and ``mixture`` (weighted combination of the others). See
 ``docs/data.md``.
 
-:func:`build_text_encoder` and :func:`build_pretrain_loader` turn a :class:`DataConfig` into
+:func:`build_text_tokenizer` and :func:`build_pretrain_loader` turn a :class:`DataConfig` into
 what the trainer consumes. The loader's resume protocol and bad-sample accounting are
 described in :mod:`m3ae.data.loader`.
 """
@@ -20,7 +20,7 @@ from functools import partial
 import torch
 
 from ..config import DataConfig, Source
-from ..tokenizer import SPECIAL_TOKENS, TextEncoder, from_vocab, load_tokenizer, train_wordpiece
+from ..tokenizer import SPECIAL_TOKENS, TextTokenizer, from_vocab, load_tokenizer, train_wordpiece
 from .cache import CacheLoader, ImageCache
 from .collate import Collator, model_inputs
 from .decode import BadSample, DataError, DataNotFound, SkipCounter
@@ -34,7 +34,7 @@ from .transforms import EvalTransform, PretrainTransform
 from .webdataset import ShardSource
 
 __all__ = ["Collator", "model_inputs", "ShapesDataset", "PretrainTransform", "EvalTransform",
-           "build_text_encoder", "build_transform", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
+           "build_text_tokenizer", "build_transform", "build_dataset", "EpochSampler", "build_pretrain_loader", "keeps_caption",
            "BadSample", "DataError", "DataNotFound", "SkipCounter", "PretrainLoader", "StreamDataset", "dist_info",
            "source_captions", "ImageCache", "CacheLoader"]
 
@@ -190,7 +190,7 @@ def has_captions(cfg: DataConfig, scan: int = 200) -> bool:
     return False
 
 
-def build_text_encoder(cfg: DataConfig) -> TextEncoder:
+def build_text_tokenizer(cfg: DataConfig) -> TextTokenizer:
     """The configured tokenizer (nothing is downloaded). The built-in data has a fixed
     vocabulary; ``tokenizer=from-data`` trains WordPiece on the source's captions. Data
     without any caption (image-only pre-training, i.e. MAE) needs no tokenizer: unless one
@@ -211,10 +211,10 @@ def build_text_encoder(cfg: DataConfig) -> TextEncoder:
         tok = from_vocab(SPECIAL_TOKENS + synthetic_vocabulary())
     else:
         tok = load_tokenizer("bert-base-uncased")  # only from the local cache; says how otherwise
-    return TextEncoder(tok, cfg.text_len)
+    return TextTokenizer(tok, cfg.text_len)
 
 
-def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEncoder, batch_size: int,
+def build_pretrain_loader(cfg: DataConfig, image_size: int, text_tokenizer: TextTokenizer, batch_size: int,
                           seed: int = 0, train: bool = True, *, rank: int | None = None,
                           world_size: int | None = None, dataset=None,
                           device: torch.device | str = "cpu") -> PretrainLoader | CacheLoader:
@@ -231,7 +231,7 @@ def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEn
     ds = dataset if dataset is not None else build_dataset(cfg, image_size, train=train, seed=seed, rank=rank,
                                                            world_size=world_size, batch_size=batch_size)
     if isinstance(ds, ImageCache):
-        return CacheLoader(ds, image_size=image_size, batch_size=batch_size, text_encoder=text_encoder, seed=seed,
+        return CacheLoader(ds, image_size=image_size, batch_size=batch_size, text_tokenizer=text_tokenizer, seed=seed,
                            rank=rank, world_size=world_size, device=device, train=train,
                            crop_scale=cfg.crop_scale, hflip=cfg.hflip, swap_captions=cfg.flip_swaps_left_right,
                            word_pairs=cfg.flip_word_pairs, paired_fraction=cfg.paired_fraction,
@@ -260,4 +260,13 @@ def build_pretrain_loader(cfg: DataConfig, image_size: int, text_encoder: TextEn
     return PretrainLoader(ds, skips=skips, rank=rank, world_size=world_size, batch_size=batch_size,
                           device_decoder=decoder,
                           sampler=sampler, drop_last=False, num_workers=workers,
-                          collate_fn=Collator(text_encoder), pin_memory=torch.cuda.is_available(), **extra)
+                          collate_fn=Collator(text_tokenizer), pin_memory=torch.cuda.is_available(), **extra)
+
+
+def __getattr__(name: str):
+    if name == "build_text_encoder":  # the first name of build_text_tokenizer
+        import warnings
+
+        warnings.warn("m3ae.data.build_text_encoder is now build_text_tokenizer", DeprecationWarning, stacklevel=2)
+        return build_text_tokenizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

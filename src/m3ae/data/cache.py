@@ -309,7 +309,7 @@ class CacheLoader:
     memory when they take under 40 % of what is free there, else in (memory-mapped) host
     memory; ``"cpu"`` always the latter."""
 
-    def __init__(self, cache: ImageCache, *, image_size: int, batch_size: int, text_encoder=None,
+    def __init__(self, cache: ImageCache, *, image_size: int, batch_size: int, text_tokenizer=None,
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                  train: bool = True, crop_scale=(0.2, 1.0), hflip: float = 0.5, swap_captions: bool = True,
                  word_pairs=(("left", "right"),), paired_fraction: float = 1.0, max_skip_fraction: float = 1.0,
@@ -328,28 +328,28 @@ class CacheLoader:
         self.on_device = placement == "auto" and _fits_on(self.device, images.numel())
         self.images = images.to(self.device) if self.on_device else images
         self.labels = torch.from_numpy(cache.labels)
-        self._tokenise(text_encoder, paired_fraction, WordSwapper(word_pairs) if swap_captions else None)
+        self._tokenise(text_tokenizer, paired_fraction, WordSwapper(word_pairs) if swap_captions else None)
 
-    def _tokenise(self, text_encoder, paired_fraction: float, swap) -> None:
+    def _tokenise(self, text_tokenizer, paired_fraction: float, swap) -> None:
         """Every caption's ids and padding once, and those of its flipped version."""
         c = self.cache
         self.has_caption = torch.tensor([bool(cap) and keeps_caption(k, paired_fraction)
                                          for k, cap in zip(c.keys, c.texts)], dtype=torch.bool)
         self.ids = self.ids_flipped = None
-        if text_encoder is None or not bool(self.has_caption.any()):
+        if text_tokenizer is None or not bool(self.has_caption.any()):
             return
         rows = self.has_caption.nonzero().squeeze(1).tolist()
         texts = [c.texts[i] for i in rows]
-        n, t = len(c), text_encoder.text_len
-        self.ids = torch.full((n, t), text_encoder.pad_id, dtype=torch.long)
+        n, t = len(c), text_tokenizer.text_len
+        self.ids = torch.full((n, t), text_tokenizer.pad_id, dtype=torch.long)
         self.pad = torch.ones(n, t, dtype=torch.bool)
-        self.ids[rows], self.pad[rows] = text_encoder(texts)
+        self.ids[rows], self.pad[rows] = text_tokenizer(texts)
         self.ids_flipped, self.pad_flipped = self.ids, self.pad
         changed = [(i, s) for i, cap in zip(rows, texts) if swap is not None and (s := swap(cap)) != cap]
         if changed:
             self.ids_flipped, self.pad_flipped = self.ids.clone(), self.pad.clone()
             where = [i for i, _ in changed]
-            self.ids_flipped[where], self.pad_flipped[where] = text_encoder([s for _, s in changed])
+            self.ids_flipped[where], self.pad_flipped[where] = text_tokenizer([s for _, s in changed])
 
     # ------------------------------------------------------------------ the PretrainLoader protocol
     is_stream = False

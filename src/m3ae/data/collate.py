@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import torch
 
-from ..tokenizer import TextEncoder
+from ..tokenizer import TextTokenizer
 from .device_decode import PendingImage, collate_pending
 
 
 class Collator:
-    def __init__(self, text_encoder: TextEncoder | None):
-        self.text_encoder = text_encoder
+    def __init__(self, text_tokenizer: TextTokenizer | None):
+        self.text_tokenizer = text_tokenizer
 
     def __call__(self, samples: list[dict]) -> dict:
         events = [e for s in samples for e in s.get("_events", ())]
@@ -50,8 +50,8 @@ class Collator:
         else:
             batch["image"] = batch["image_valid"] = None
         captions = [s.get("caption") for s in samples]
-        if self.text_encoder is not None and any(c for c in captions):
-            ids, pad = self.text_encoder([c or "" for c in captions])
+        if self.text_tokenizer is not None and any(c for c in captions):
+            ids, pad = self.text_tokenizer([c or "" for c in captions])
             batch["text"], batch["text_padding_mask"] = ids, pad
         else:
             batch["text"] = batch["text_padding_mask"] = None

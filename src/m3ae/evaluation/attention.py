@@ -76,9 +76,9 @@ def last_content_word(tokens: list[str]) -> int | None:
     return None
 
 
-def find_word(text_encoder, ids: torch.Tensor, pad: torch.Tensor, word: str) -> int | None:
+def find_word(text_tokenizer, ids: torch.Tensor, pad: torch.Tensor, word: str) -> int | None:
     """Position of the first token of ``word`` in one caption, or None."""
-    target = text_encoder.ids(word)
+    target = text_tokenizer.ids(word)
     seq = ids[~pad].tolist()
     for i in range(len(seq) - len(target) + 1):
         if target and seq[i:i + len(target)] == target:
@@ -86,7 +86,7 @@ def find_word(text_encoder, ids: torch.Tensor, pad: torch.Tensor, word: str) -> 
     return None
 
 
-def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Path, word: str | None = None,
+def save_attention_figure(model: M3AE, text_tokenizer, batch: dict, path: str | Path, word: str | None = None,
                           patch: int | None = None, layer: str | int = "rollout", n: int = 4) -> Path:
     """One row per sample: the image, the chosen word's attention over it as a heat map, and
     the chosen patch's attention over the caption as shaded words.
@@ -114,8 +114,8 @@ def save_attention_figure(model: M3AE, text_encoder, batch: dict, path: str | Pa
     fig, axes = new_figure(rows, 3, figsize=(9, 2.6 * rows), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1, 1.6]})
     for i in range(rows):
-        tokens = text_encoder.decode_tokens(text[i][~pad[i]].cpu())
-        w = find_word(text_encoder, text[i].cpu(), pad[i].cpu(), word) if word else last_content_word(tokens)
+        tokens = text_tokenizer.decode_tokens(text[i][~pad[i]].cpu())
+        w = find_word(text_tokenizer, text[i].cpu(), pad[i].cpu(), word) if word else last_content_word(tokens)
         img = pixels[i].permute(1, 2, 0).numpy()
         axes[i, 0].imshow(img)
         py, px = divmod(patch, g)

@@ -175,14 +175,14 @@ def load_labelled(spec: str, image_size: int, *, train: bool = False, limit: int
     return LabelledData(ds, class_names_beside(shards), tag + "|" + _file_stamp(local), spec)
 
 
-def make_loader(data: LabelledData, text_encoder=None, batch_size: int = 128, shuffle: bool = False,
+def make_loader(data: LabelledData, text_tokenizer=None, batch_size: int = 128, shuffle: bool = False,
                 num_workers: int = 0, seed: int = 0) -> DataLoader:
     """Batches (see :class:`m3ae.data.Collator`); captions are tokenised when given a text encoder.
 
     Samples that cannot be read are left out and counted (``loader.skips`` for an indexable
     source, ``data.dataset.skips`` for shards), as in pre-training."""
     g = torch.Generator().manual_seed(seed)
-    kw = dict(batch_size=batch_size, generator=g, num_workers=num_workers, collate_fn=Collator(text_encoder))
+    kw = dict(batch_size=batch_size, generator=g, num_workers=num_workers, collate_fn=Collator(text_tokenizer))
     if isinstance(data.dataset, IterableDataset):  # shards count their own skips
         return DataLoader(data.dataset, **kw)
     return PretrainLoader(data.dataset, skips=SkipCounter(data.name or "evaluation data"), shuffle=shuffle, **kw)

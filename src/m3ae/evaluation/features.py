@@ -29,7 +29,7 @@ from ..model import M3AE
 from ..io import atomic_write, save_safetensors
 from ..ops import POOLS, pool_tokens  # noqa: F401 (one pooling for every path, also M3AE.encode_*)
 from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
-from ..tokenizer import TextEncoder, load_tokenizer
+from ..tokenizer import TextTokenizer, load_tokenizer
 from ..device import resolve_device  # noqa: F401 (also imported from here)
 
 MODALITIES = ("image", "text", "both")
@@ -91,23 +91,23 @@ def _npy_writer(array: np.ndarray):
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
-               need_tokenizer: bool = False) -> tuple[M3AE, TextEncoder | None]:
+               need_tokenizer: bool = False) -> tuple[M3AE, TextTokenizer | None]:
     """A pretrained folder -> (model in eval mode on ``device``, its text encoder or None)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"model folder {directory} does not exist (expected a pretrained folder "
                                 "with config.json and model.safetensors, e.g. RUN/final)")
     model = M3AE.from_pretrained(directory).to(device).eval()
-    text_encoder = None
+    text_tokenizer = None
     if (directory / TOKENIZER_NAME).is_file():
         try:
             tokenizer = load_tokenizer(directory / TOKENIZER_NAME)
         except Exception as e:  # the tokenizers library's own error type
             raise ValueError(f"{directory / TOKENIZER_NAME} is damaged ({type(e).__name__}: {e})") from None
-        text_encoder = TextEncoder(tokenizer, model.config.max_text_len)
+        text_tokenizer = TextTokenizer(tokenizer, model.config.max_text_len)
     elif need_tokenizer:
         raise FileNotFoundError(f"{directory} has no {TOKENIZER_NAME}; text inputs need the model's tokenizer")
-    return model, text_encoder
+    return model, text_tokenizer
 
 
 @torch.no_grad()
@@ -203,7 +203,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "features"
 
 
-def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, text_encoder=None,
+def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, text_tokenizer=None,
                     modality: str = "image", pool: str | tuple = "cls", block: int | None = None,
                     batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
                     device: str | torch.device = "cpu", desc: str = "features") -> Features | dict:
@@ -222,8 +222,8 @@ def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, t
     todo = tuple(p for p in pools if p not in found)
     if todo:
         if model is None:
-            model, text_encoder = load_model(model_dir, device, need_tokenizer=modality != "image")
-        loader = make_loader(data, text_encoder if modality != "image" else None, batch_size)
+            model, text_tokenizer = load_model(model_dir, device, need_tokenizer=modality != "image")
+        loader = make_loader(data, text_tokenizer if modality != "image" else None, batch_size)
         fresh = extract_features(model, loader, modality, todo, block, progress, data.class_names, desc)
         for p, feats in fresh.items():
             feats.save(paths[p])  # atomic: a crash never leaves a half-written cache entry

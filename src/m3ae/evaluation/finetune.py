@@ -103,11 +103,11 @@ class Classifier(nn.Module):
         return torch.cat(logits), torch.cat(labels)
 
 
-def param_groups(clf: Classifier, lr: float, weight_decay: float, layer_decay: float,
-                 last_blocks: int | None) -> list[dict]:
-    """Trainable parameters grouped by (LR scale, weight decay), with pre-training's decay rule
-    (:func:`m3ae.optim.param_groups`). ``last_blocks=k`` trains only the last k blocks,
-    the final norm and the head; ``None`` trains the whole encoder."""
+def freeze_and_group(clf: Classifier, lr: float, weight_decay: float, layer_decay: float,
+                     last_blocks: int | None) -> list[dict]:
+    """Freezes what is not fine-tuned, then groups the trainable parameters by (LR scale, weight
+    decay) with pre-training's decay rule (:func:`m3ae.optim.param_groups`). ``last_blocks=k``
+    trains only the last k blocks, the final norm and the head; ``None`` the whole encoder."""
     depth = clf.model.config.depth
     for name, p in clf.named_parameters():
         p.requires_grad_(clf.layer_id(name) >= (0 if last_blocks is None else depth + 1 - last_blocks))
@@ -170,7 +170,7 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
     clf = Classifier(model, num_classes, pool, class_names).to(device)
     batch_size = batch_size or train_loader.batch_size
     lr = lr if lr is not None else base_lr * batch_size / 256
-    opt = torch.optim.AdamW(param_groups(clf, lr, weight_decay, layer_decay, last_blocks), lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(freeze_and_group(clf, lr, weight_decay, layer_decay, last_blocks), lr=lr, betas=(0.9, 0.999))
     try:
         steps_per_epoch = len(train_loader)
     except TypeError:

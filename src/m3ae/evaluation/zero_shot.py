@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import model_inputs
 from ..model import M3AE
-from ..tokenizer import TextEncoder
+from ..tokenizer import TextTokenizer
 
 MASK_WORD = "[MASK]"
 
@@ -40,7 +40,7 @@ class Prompt:
     scored: torch.Tensor  # (T,) bool, the class-name positions (a subset of ``hidden``)
 
 
-def build_prompt(text_encoder: TextEncoder, template: str, class_name: str) -> Prompt:
+def build_prompt(text_tokenizer: TextTokenizer, template: str, class_name: str) -> Prompt:
     """Tokenise ``template`` around ``class_name`` piece by piece, so the class tokens'
     positions are known exactly (BERT's pre-tokeniser splits at spaces and punctuation, so
     joining the pieces' ids gives the same ids as tokenising the whole caption)."""
@@ -52,10 +52,10 @@ def build_prompt(text_encoder: TextEncoder, template: str, class_name: str) -> P
     def add(text: str, is_class: bool) -> None:
         for k, piece in enumerate(text.split(MASK_WORD)):
             if k > 0:  # a [MASK] placeholder: hidden, not scored; its id never reaches the encoder
-                ids.append(text_encoder.mask_id if text_encoder.mask_id is not None else text_encoder.pad_id)
+                ids.append(text_tokenizer.mask_id if text_tokenizer.mask_id is not None else text_tokenizer.pad_id)
                 hidden.append(True)
                 scored.append(False)
-            for t in text_encoder.ids(piece) if piece.strip() else []:
+            for t in text_tokenizer.ids(piece) if piece.strip() else []:
                 ids.append(t)
                 hidden.append(is_class)
                 scored.append(is_class)
@@ -63,14 +63,14 @@ def build_prompt(text_encoder: TextEncoder, template: str, class_name: str) -> P
     add(before, False)
     add(class_name, True)
     add(after, False)
-    n, length = len(ids), text_encoder.text_len
+    n, length = len(ids), text_tokenizer.text_len
     if not any(scored):
         raise ValueError(f"class name {class_name!r} has no tokens")
     if n > length:
         raise ValueError(f"prompt for {class_name!r} has {n} tokens, more than the text length {length}")
     if not n - sum(hidden):
         raise ValueError(f"the template {template!r} leaves no caption token visible")
-    out = torch.full((length,), text_encoder.pad_id, dtype=torch.long)
+    out = torch.full((length,), text_tokenizer.pad_id, dtype=torch.long)
     out[:n] = torch.tensor(ids)
     pad = torch.arange(length) >= n
     h = torch.zeros(length, dtype=torch.bool)
@@ -80,7 +80,7 @@ def build_prompt(text_encoder: TextEncoder, template: str, class_name: str) -> P
     return Prompt(out, pad, h, s)
 
 
-def masked_prompt(text_encoder: TextEncoder, text: str) -> Prompt:
+def masked_prompt(text_tokenizer: TextTokenizer, text: str) -> Prompt:
     """A caption with ``[MASK]`` placeholders -> a :class:`Prompt` whose hidden (and scored)
     positions are the placeholders, for predicting the words there (fill in the blank)."""
     if MASK_WORD not in text:
@@ -88,17 +88,17 @@ def masked_prompt(text_encoder: TextEncoder, text: str) -> Prompt:
     ids, hidden = [], []
     for k, piece in enumerate(text.split(MASK_WORD)):
         if k > 0:  # the id never reaches the encoder: the position is hidden
-            ids.append(text_encoder.mask_id if text_encoder.mask_id is not None else text_encoder.pad_id)
+            ids.append(text_tokenizer.mask_id if text_tokenizer.mask_id is not None else text_tokenizer.pad_id)
             hidden.append(True)
-        toks = text_encoder.tokenizer.encode(piece, add_special_tokens=False).ids if piece.strip() else []
+        toks = text_tokenizer.tokenizer.encode(piece, add_special_tokens=False).ids if piece.strip() else []
         ids += toks
         hidden += [False] * len(toks)
-    n, length = len(ids), text_encoder.text_len
+    n, length = len(ids), text_tokenizer.text_len
     if n > length:
         raise ValueError(f"the prompt has {n} tokens, more than the model's caption length {length}")
     if all(hidden):
         raise ValueError(f"the prompt {text!r} leaves no caption token visible")
-    out = torch.full((length,), text_encoder.pad_id, dtype=torch.long)
+    out = torch.full((length,), text_tokenizer.pad_id, dtype=torch.long)
     out[:n] = torch.tensor(ids)
     h = torch.zeros(length, dtype=torch.bool)
     h[:n] = torch.tensor(hidden)
@@ -141,12 +141,12 @@ def prompt_log_likelihood(model: M3AE, image: torch.Tensor | None, prompt: Promp
     raise ValueError("normalize must be 'mean' or 'sum'")
 
 
-def class_name_warnings(text_encoder: TextEncoder, class_names: list[str]) -> list[str]:
+def class_name_warnings(text_tokenizer: TextTokenizer, class_names: list[str]) -> list[str]:
     """Class names the tokenizer cannot represent well: with [UNK] pieces (the model cannot
     score them at all) or split into mostly single letters (words it never learnt)."""
     out = []
     for name in class_names:
-        tokens = text_encoder.tokenizer.encode(name, add_special_tokens=False).tokens
+        tokens = text_tokenizer.tokenizer.encode(name, add_special_tokens=False).tokens
         if "[UNK]" in tokens:
             out.append(f"class {name!r} tokenises to {tokens}: [UNK] pieces cannot be told apart, "
                        "so its score says little (a tokenizer trained on captions in its language helps)")
@@ -179,12 +179,12 @@ def class_scores(model: M3AE, image: torch.Tensor, prompts: list[Prompt], normal
 
 
 @torch.no_grad()
-def zero_shot_scores(model: M3AE, text_encoder: TextEncoder, loader, class_names: list[str],
+def zero_shot_scores(model: M3AE, text_tokenizer: TextTokenizer, loader, class_names: list[str],
                      template: str = "a photo of a {}.", normalize: str = "mean",
                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (scores (N, C) with the image, prior (C,) with no image, labels (N,))."""
     model.eval()
-    prompts = [build_prompt(text_encoder, template, c) for c in class_names]
+    prompts = [build_prompt(text_tokenizer, template, c) for c in class_names]
     prior = torch.stack([prompt_log_likelihood(model, None, p, 1, normalize)[0] for p in prompts]).cpu()
     scores, labels = [], []
     total = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
@@ -197,11 +197,11 @@ def zero_shot_scores(model: M3AE, text_encoder: TextEncoder, loader, class_names
     return torch.cat(scores), prior, torch.cat(labels)
 
 
-def zero_shot_classify(model: M3AE, text_encoder: TextEncoder, loader, class_names: list[str],
+def zero_shot_classify(model: M3AE, text_tokenizer: TextTokenizer, loader, class_names: list[str],
                        template: str = "a photo of a {}.", normalize: str = "mean",
                        progress: bool = True) -> ZeroShotResult:
     """Accuracy of the best-scoring class name, raw and calibrated by the no-image prior."""
-    scores, prior, labels = zero_shot_scores(model, text_encoder, loader, class_names, template, normalize, progress)
+    scores, prior, labels = zero_shot_scores(model, text_tokenizer, loader, class_names, template, normalize, progress)
     if (labels < 0).any():
         raise ValueError("zero-shot accuracy needs a label for every sample")
     pred = scores.argmax(1)
@@ -216,7 +216,7 @@ def zero_shot_classify(model: M3AE, text_encoder: TextEncoder, loader, class_nam
         prompts=[template.format(c) for c in class_names],
         confusion=torch.bincount(labels * len(class_names) + pred, minlength=len(class_names) ** 2)
         .reshape(len(class_names), -1).tolist(),
-        warnings=class_name_warnings(text_encoder, class_names))
+        warnings=class_name_warnings(text_tokenizer, class_names))
 
 
 def plot_confusion(result: ZeroShotResult, class_names: list[str], path, title: str = ""):

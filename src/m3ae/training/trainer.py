@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..data import build_dataset, build_pretrain_loader, build_text_encoder
+from ..data import build_dataset, build_pretrain_loader, build_text_tokenizer
 from ..data.decode import DataError
 from ..model import M3AE
 from ..tokenizer import SPECIAL_TOKENS
@@ -103,7 +103,7 @@ def _set_rng_state(st: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda_rng"], device)
 
 
-def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
+def _shared_tokenizer(cfg: Config, info: DistInfo, ckpt: Path | None):
     """Rank 0's tokenizer on every rank (a tokenizer trained on the fly must be identical
     everywhere); when resuming, always the one saved with the checkpoint: the model's token
     ids mean what they meant when the run started (a ``from-data`` tokenizer trained again
@@ -111,16 +111,16 @@ def _shared_text_encoder(cfg: Config, info: DistInfo, ckpt: Path | None):
     from tokenizers import Tokenizer
 
     from ..pretrained import TOKENIZER_NAME
-    from ..tokenizer import TextEncoder
+    from ..tokenizer import TextTokenizer
 
     text = None
     if info.is_main:
         if ckpt is not None and (ckpt / TOKENIZER_NAME).is_file():
             text = (ckpt / TOKENIZER_NAME).read_text()
         else:
-            text = build_text_encoder(cfg.data).tokenizer.to_str()
+            text = build_text_tokenizer(cfg.data).tokenizer.to_str()
     text = broadcast_object(text, info)
-    return TextEncoder(Tokenizer.from_str(text), cfg.data.text_len)
+    return TextTokenizer(Tokenizer.from_str(text), cfg.data.text_len)
 
 
 def _resume_target(resume: str | None, run_dir: Path, info: DistInfo) -> Path | None:
@@ -154,9 +154,9 @@ def _check_run_folder(run_dir: Path, resume: str | None, overwrite: bool, info: 
         raise FileExistsError(problem)
 
 
-def _vocab_note(cfg: Config, text_encoder) -> str | None:
+def _vocab_note(cfg: Config, text_tokenizer) -> str | None:
     """A note when the model has more token ids than the tokenizer (they are never used)."""
-    n, v = text_encoder.vocab_size, cfg.model.vocab_size
+    n, v = text_tokenizer.vocab_size, cfg.model.vocab_size
     if n >= v or n <= len(SPECIAL_TOKENS) or (cfg.data.source == "synthetic" and not cfg.data.tokenizer):
         return None  # equal, image-only (no text), or the built-in data's deliberately small vocabulary
     return (f"note: model.vocab_size={v} but the tokenizer has {n} tokens: ids {n}..{v - 1} are never "
@@ -198,7 +198,7 @@ def _pretrain(cfg: Config, run_dir: Path, resume: str | None, progress: bool, ma
               info: DistInfo, overwrite: bool = False) -> PretrainResult:
     lock = _take_lock(run_dir, info)
     try:
-        run = _Run(cfg, run_dir, resume, max_steps, info, overwrite)
+        run = PretrainRun(cfg, run_dir, resume, max_steps, info, overwrite)
         interrupt = StopOnInterrupt().start()  # Ctrl-C: finish the step, save, then stop
         try:
             run.loop(progress, interrupt)
@@ -230,7 +230,7 @@ def _take_lock(run_dir: Path, info: DistInfo):
     return lock
 
 
-class _Run:
+class PretrainRun:
     """One pre-training run: set-up and restore, the step loop, the callbacks around steps."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume: str | None, max_steps: int | None, info: DistInfo,
@@ -244,12 +244,12 @@ class _Run:
         dataset = build_dataset(cfg.data, cfg.model.image_size, train=True, seed=tcfg.seed, rank=info.rank,
                                 world_size=info.world_size, batch_size=tcfg.batch_size)
         torch.manual_seed(tcfg.seed)  # the same initial weights on every rank (FSDP2 relies on it)
-        self.text_encoder = _shared_text_encoder(cfg, info, ckpt)
-        _check_sizes(cfg, self.text_encoder, info)
+        self.text_tokenizer = _shared_tokenizer(cfg, info, ckpt)
+        _check_sizes(cfg, self.text_tokenizer, info)
         self.model = M3AE(cfg.model).to(info.device)
         st = _load_weights(self.model, ckpt) if ckpt is not None else None  # before FSDP shards them
         self.step = TrainStep(self.model, cfg, info)
-        self.loader = build_pretrain_loader(cfg.data, cfg.model.image_size, self.text_encoder, tcfg.batch_size,
+        self.loader = build_pretrain_loader(cfg.data, cfg.model.image_size, self.text_tokenizer, tcfg.batch_size,
                                             seed=tcfg.seed, rank=info.rank, world_size=info.world_size,
                                             dataset=dataset, device=info.device)
         self.stream = _BatchStream(self.loader)
@@ -362,7 +362,7 @@ class _Run:
             g = torch.Generator(device=self.info.device).manual_seed(1234)
             self._on_main(save_reconstruction_grid, self.model, self.vis_batch,
                           self.run_dir / "reconstructions" / f"step_{done:08d}.png",
-                          self.text_encoder, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
+                          self.text_tokenizer, generator=g, norm_pix_loss=tcfg.norm_pix_loss)
         if ckpt:
             path = self._save(done)
             if not self.step.in_bad_streak():  # "good": written before a streak of non-finite steps
@@ -412,7 +412,7 @@ class _Run:
                      "data_per_rank": data_states, "world_size": info.world_size, "config": cfg.to_dict(),
                      "nonfinite_streak": streak, "last_good": last_good.name if last_good is not None else None}
             try:
-                path = save_checkpoint(self.run_dir, done, weights, state, self.text_encoder.tokenizer,
+                path = save_checkpoint(self.run_dir, done, weights, state, self.text_tokenizer.tokenizer,
                                        keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
                                        protect=last_good if streak else None)
             except CheckpointWriteError as e:
@@ -433,7 +433,7 @@ class _Run:
                 from ..pretrained import save_pretrained
 
                 try:
-                    save_pretrained(weights, self.run_dir / "final", self.text_encoder.tokenizer)
+                    save_pretrained(weights, self.run_dir / "final", self.text_tokenizer.tokenizer)
                 except OSError as e:
                     problem = (f"could not write the final model to {self.run_dir / 'final'}: {e.strerror or e}"
                                f"{f' at {e.filename}' if e.filename else ''}; the checkpoints are intact "
@@ -449,13 +449,13 @@ class _Run:
                               int(self.step.skipped), summary)
 
 
-def _check_sizes(cfg: Config, text_encoder, info: DistInfo) -> None:
-    vocab_size = text_encoder.vocab_size
+def _check_sizes(cfg: Config, text_tokenizer, info: DistInfo) -> None:
+    vocab_size = text_tokenizer.vocab_size
     if vocab_size > cfg.model.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but model.vocab_size is "
                          f"{cfg.model.vocab_size}; set model.vocab_size={vocab_size} or more")
-    if info.is_main and _vocab_note(cfg, text_encoder):
-        tqdm.write(_vocab_note(cfg, text_encoder))
+    if info.is_main and _vocab_note(cfg, text_tokenizer):
+        tqdm.write(_vocab_note(cfg, text_tokenizer))
     if cfg.data.text_len > cfg.model.max_text_len:
         raise ValueError(f"data.text_len={cfg.data.text_len} exceeds model.max_text_len={cfg.model.max_text_len}")
 

@@ -33,7 +33,8 @@ def nonfinite_parameters(params, info: DistInfo) -> torch.Tensor:
     if not local:
         return torch.zeros(1)
     # A tensor is finite iff its min and max are (both propagate NaN): two fast reductions
-    # with no (numel,) temporaries, unlike isfinite(t).all() (~10x slower on CPU).
+    # with no (numel,) temporaries, unlike isfinite(t).all() (timed in benchmarks/RESULTS.md,
+    # "Profile of the step before this round").
     ends = torch.stack([e for t in local for e in torch.aminmax(t)]).reshape(-1, 2)
     bad = (~torch.isfinite(ends)).any(1).sum().float().reshape(1)
     return all_reduce_sum(bad, info) if info.distributed else bad

@@ -47,7 +47,7 @@ def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None):
                            progress=not args.no_progress, device=resolve_device(args.device), desc=desc)
 
 
-def random_init_model(model_dir, cache_dir, seed: int):
+def random_init_folder(model_dir, cache_dir, seed: int):
     """The model's architecture with fresh random weights, saved once in the cache (so its
     features are cached like any model's)."""
     import hashlib
@@ -55,18 +55,14 @@ def random_init_model(model_dir, cache_dir, seed: int):
     from dataclasses import asdict
     from pathlib import Path
 
-    import torch
-
-    from ..evaluation.features import default_cache_dir
-    from ..model import M3AE
+    from ..evaluation.features import default_cache_dir, random_init_model
     from ..pretrained import read_model_config, save_pretrained
 
     cfg = read_model_config(model_dir)
     tag = hashlib.sha1(json.dumps([asdict(cfg), seed], sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir or default_cache_dir()).parent / "random-init" / tag
     if not (path / "model.safetensors").is_file():
-        torch.manual_seed(seed)
-        save_pretrained(M3AE(cfg), path)
+        save_pretrained(random_init_model(cfg, seed), path)
     return path
 
 
@@ -113,7 +109,7 @@ def run(args) -> int:
             extra["raw pixels (8x8)"] = probe(Features(tr.pixels, tr.labels, tr.keys, tr.class_names),
                                               Features(va.pixels, va.labels, va.keys, va.class_names), "raw pixels")
     if "random-init" in baselines:
-        rdir = random_init_model(args.model, args.cache_dir, args.seed)
+        rdir = random_init_folder(args.model, args.cache_dir, args.seed)
         rtr = features_for(args, args.train, args.limit_train, "random-init train features", rdir, pools[0])
         rva = features_for(args, args.val, args.limit_val, "random-init val features", rdir, pools[0])
         extra[f"random init ({pools[0]})"] = probe(rtr, rva, "random init")

@@ -143,10 +143,20 @@ def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str | 
 
 
 def pixel_features(image: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """(B, 3, H, W) normalised images -> (B, 192): 8 x 8 average-pooled pixels (zeros without images)."""
+    """The raw-pixel baseline of every report: (B, 3, H, W) normalised images -> (B, 192), the
+    images average-pooled to 8 x 8 (zeros without images). Pooling keeps a linear probe on
+    pixels small and comparable across image sizes."""
     if image is None:
         return torch.zeros(rows, 192)
     return torch.nn.functional.adaptive_avg_pool2d(image.float().cpu(), 8).flatten(1)
+
+
+def random_init_model(config, seed: int) -> M3AE:
+    """The random-init baseline of every report: the architecture of ``config`` (a
+    :class:`m3ae.config.ModelConfig`) with the weights ``torch.manual_seed(seed)`` gives, the
+    trainer's starting point for that seed; in eval mode."""
+    torch.manual_seed(seed)
+    return M3AE(config).eval()
 
 
 def _approx_len(dataset) -> int | None:

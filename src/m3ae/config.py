@@ -184,9 +184,10 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 0.0  # max global gradient norm; 0 = off (official code: 1e9; MAE: none)
-    # Fraction of each batch (its first rows; batches are shuffled) whose image mask hides
-    # one whole random quarter of the image first, the rest of the ratio at random (see
-    # m3ae.ops.hide_a_quarter_first). 0 = the paper's uniform masking.
+    # The demo's masking option (docs/training.md, "Hiding a whole quarter"): the fraction of
+    # each batch (its first rows; batches are shuffled) whose image mask hides one whole
+    # random quarter of the image first, the rest of the ratio at random
+    # (m3ae.ops.hide_a_quarter_first). 0 = the paper's uniform masking.
     quarter_mask_fraction: float = 0.0
     image_loss_weight: float = 1.0
     text_loss_weight: float = 0.5

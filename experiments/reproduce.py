@@ -45,120 +45,22 @@ import shutil
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from m3ae.io import atomic_write
 from m3ae.io import write_json_atomic
-from m3ae.reports import reproduction
+from m3ae.reports import reproduction as report_lib  # not to be confused with the reproduction/ package here
 from m3ae.reports.reproduction import POOLS, READOUTS, Experiment  # noqa: F401 (READOUTS: the tests read it here)
 from m3ae.reports.stats import compare, compare_noise, compare_strict  # noqa: F401 (the tests read them here)
+from reproduction.modes import MODES, PAPER, Mode, RunSpec, run_specs, smoke_of  # noqa: F401 (MODES...: the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIN = "tiny-imagenet-captions"
 
-# ----------------------------------------------------------------------------- settings
-# Each mode sets the model, the pre-training budget and the evaluation subsets. ``quick`` is
-# sized for ~20 min on 2 contended CPU cores and is the one whose results docs/results.md
-# shows; ``full`` is the real small-scale experiment (GPU, or a long CPU run).
-MODES: dict[str, dict] = {
-    # For the test: seconds, on a slice; the numbers mean nothing.
-    "smoke": dict(preset="tiny", model=dict(image_size=32, patch_size=4), text_len=16, vocab=256,
-                  caption_limit=300, train_shards=1, steps=3, batch_size=8, lr=1e-3, warmup=1,
-                  probe_train=96, val=48, cifar_test=48, cifar_train=48, probe_epochs=3,
-                  seeds=(0,), ablations=False, pictures=True, attention_rows=1),
-    # The tiny preset at 32 px (Tiny-ImageNet resized from 64), 2 shards (10k pairs), 100 steps.
-    "quick": dict(preset="tiny", model=dict(image_size=32, patch_size=4), text_len=32, vocab=4096,
-                  caption_limit=None, train_shards=2, steps=100, batch_size=64, lr=1.5e-3, warmup=10,
-                  probe_train=4000, val=2000, cifar_test=2000, cifar_train=2000, probe_epochs=50,
-                  seeds=(0, 1), ablations=True, pictures=True, attention_rows=4),
-    # Sized so that claim 1 can separate on 2 CPU cores in <= 90 min (see docs/results.md).
-    "standard": dict(preset="tiny", model=dict(image_size=32, patch_size=4), text_len=64, vocab=4096,
-                     classes=100, caption_limit=None, train_shards=None, steps=600, batch_size=128, lr=2e-3,
-                     warmup=40, probe_train=10000, val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50,
-                     seeds=(0, 1, 2), ablations=True, paired_fractions=(0.1,), text_mask_ratios=(0.15,),
-                     pool="cls", pictures=True, attention_rows=4),
-    # The 32-px design of 2026-11-30 (inconclusive), kept for its report: docs/results/standard32.md.
-    "standard32": dict(preset="tiny", model=dict(image_size=32, patch_size=4), text_len=64, vocab=4096,
-                       classes=100, caption_limit=None, train_shards=None, steps=600, batch_size=128, lr=2e-3,
-                       warmup=40, probe_train=10000, val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50,
-                       seeds=(0, 1, 2), ablations=True, paired_fractions=(0.1,), text_mask_ratios=(0.15,),
-                       pool="cls", pictures=True, attention_rows=4),
-    # 64 px with 8 px patches (the same 8x8 token grid as standard32, so the same transformer
-    # cost), images from a cache, the step count planned to fit 90 min on 2 CPU cores.
-    "standard": dict(preset="tiny", model=dict(image_size=64, patch_size=8), text_len=64, vocab=4096,
-                     classes=100, caption_limit=None, train_shards=None, steps="plan", budget_s=5400,
-                     step_range=(600, 2400), batch_size=128, lr=2e-3, warmup_fraction=1 / 15, probe_train=10000,
-                     val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50, fewshot=10, seeds=(0, 1, 2),
-                     ablations=True, paired_fractions=(0.1,), text_mask_ratios=(0.15,), pool="cls",
-                     pictures=True, attention_rows=4, cache=True),
-    # A GPU: ViT-S/8 at 64 px on every Tiny-ImageNet caption pair in --data (all 200 classes),
-    # bf16, the steps planned to fit --budget-s. The LR is not tuned (1e-3 at batch 256).
-    "gpu": dict(preset="small", model=dict(image_size=64, patch_size=8), text_len=64, vocab=8192,
-                caption_limit=None, train_shards=None, steps="plan", budget_s=330, step_range=(200, 20000),
-                batch_size=256, lr=1e-3, warmup_fraction=0.05, probe_train=20000, val=10000, cifar_test=5000,
-                cifar_train=10000, probe_epochs=50, fewshot=10, seeds=(0, 1, 2), ablations=True,
-                paired_fractions=(0.1,), text_mask_ratios=(0.15,), pool="cls", pictures=True, attention_rows=4,
-                cache=True, precision="bf16"),
-    # 64 px with 8 px patches (the same 8x8 token grid), all 40k pairs, ~20 epochs, full eval sets.
-    "full": dict(preset="tiny", model=dict(image_size=64, patch_size=8), text_len=32, vocab=8192,
-                 caption_limit=None, train_shards=8, steps=6000, batch_size=128, lr=1.5e-3, warmup=300,
-                 probe_train=40000, val=10000, cifar_test=10000, cifar_train=25000, probe_epochs=90,
-                 seeds=(0, 1, 2), ablations=True, pictures=True, attention_rows=4),
-}
-
-# --smoke: a planned, cached mode's code path at the smoke mode's sizes, in seconds on a CPU.
-SMOKE = dict(preset="tiny", text_len=16, vocab=256, caption_limit=300, train_shards=1, classes=None, budget_s=60,
-             step_range=(3, 3), batch_size=8, lr=1e-3, probe_train=96, val=48, cifar_test=48, cifar_train=48,
-             probe_epochs=3, fewshot=2, seeds=(0,), ablations=False, precision="fp32", plan_steps=2,
-             caption_check=32)
-
-
-def smoke_of(mode: dict) -> dict:
-    """``mode`` at smoke size: the same structure (cache, plan, readouts), tiny numbers."""
-    return {**mode, **SMOKE, "model": {**mode["model"], "image_size": 32, "patch_size": 4}}
-
-
-# The paper's numbers (ViT-B/16, 50 epochs on CC12M; ImageNet linear probe; CIFAR OOD).
-PAPER = {
-    "claim1": {"mae": 44.6, "m3ae": 61.3},
-    "claim2": {0.1: 53.3, 0.2: 54.0, 0.3: 54.5, 1.0: 58.8},
-    "claim3": "text mask ratios of 50-90% beat 15% (BERT's); 75% is best",
-    "claim4": {"mahalanobis": {"mae": 69.0, "m3ae": 71.4}, "msp": {"mae": 77.2, "m3ae": 78.5}},
-}
-PAIRED_FRACTIONS = (0.1, 0.3)
-TEXT_MASK_RATIOS = (0.15, 0.5, 0.9)  # 0.75 is the default M3AE run
-
-
-@dataclass
-class RunSpec:
-    name: str
-    seed: int
-    overrides: list[str] = field(default_factory=list)
-    ood: bool = False  # OOD evaluation (the main comparison only)
-    kind: str = "m3ae"  # "mae" or "m3ae"
-    paired_fraction: float = 1.0
-    text_mask_ratio: float = 0.75
-
-
-def run_specs(mode: dict) -> list[RunSpec]:
-    specs = []
-    for seed in mode["seeds"]:
-        specs.append(RunSpec(f"mae_s{seed}", seed, ["data.paired_fraction=0.0"], ood=True, kind="mae",
-                             paired_fraction=0.0))
-        specs.append(RunSpec(f"m3ae_s{seed}", seed, [], ood=True))
-    if mode["ablations"]:
-        seed = mode["seeds"][0]
-        for p in mode.get("paired_fractions", PAIRED_FRACTIONS):
-            specs.append(RunSpec(f"m3ae_paired{p}_s{seed}", seed, [f"data.paired_fraction={p}"],
-                                 paired_fraction=p))
-        for r in mode.get("text_mask_ratios", TEXT_MASK_RATIOS):
-            specs.append(RunSpec(f"m3ae_textmask{r}_s{seed}", seed, [f"model.text_mask_ratio={r}"],
-                                 text_mask_ratio=r))
-    return specs
-
+# The modes, the paper's numbers and the runs of a mode: reproduction/modes.py.
 
 # ------------------------------------------------------------------------------ helpers
 def shards(data: Path, name: str, split: str, n: int | None = None) -> str:
@@ -215,7 +117,7 @@ def class_subset(data: Path, out: Path, n_classes: int) -> Path:
     return root
 
 
-def train_tokenizer(out: Path, data: Path, mode: dict) -> Path:
+def train_tokenizer(out: Path, data: Path, mode: Mode) -> Path:
     """One WordPiece vocabulary from the pre-training captions, shared by every run (so all
     M3AE runs see the same token ids); trained once, since retraining can reorder ids."""
     from m3ae.tokenizer import train_wordpiece
@@ -223,24 +125,24 @@ def train_tokenizer(out: Path, data: Path, mode: dict) -> Path:
     path = out / "tokenizer.json"
     if path.is_file():
         return path
-    if mode.get("cache"):  # the library's reader: captions cleaned as pre-training sees them
+    if mode.cache:  # the library's reader: captions cleaned as pre-training sees them
         from m3ae.config import DataConfig
         from m3ae.data import source_captions
 
         cfg = DataConfig(source="cache", urls=str(cache_path(out, "tin-train", mode)))
-        captions = list(source_captions(cfg, limit=mode["caption_limit"] or 10**9))
-        return _save_once(train_wordpiece(captions, vocab_size=mode["vocab"]), path)
+        captions = list(source_captions(cfg, limit=mode.caption_limit or 10**9))
+        return _save_once(train_wordpiece(captions, vocab_size=mode.vocab), path)
     captions = []
-    for shard in shards(data, TIN, "train", mode["train_shards"]).split("::"):
+    for shard in shards(data, TIN, "train", mode.train_shards).split("::"):
         with tarfile.open(shard, "r|*") as tf:
             for m in tf:
                 if m.name.endswith(".txt"):
                     captions.append(tf.extractfile(m).read().decode("utf-8").strip())
-                    if mode["caption_limit"] and len(captions) >= mode["caption_limit"]:
+                    if mode.caption_limit and len(captions) >= mode.caption_limit:
                         break
-        if mode["caption_limit"] and len(captions) >= mode["caption_limit"]:
+        if mode.caption_limit and len(captions) >= mode.caption_limit:
             break
-    return _save_once(train_wordpiece(captions, vocab_size=mode["vocab"]), path)
+    return _save_once(train_wordpiece(captions, vocab_size=mode.vocab), path)
 
 
 def _save_once(tok, path: Path) -> Path:
@@ -261,11 +163,11 @@ CACHE_SETS = {"tin-train": (TIN, "train", None), "tin-val": (TIN, "val", "val"),
               "cifar-test": ("cifar10", "test", "cifar_test"), "cifar-train": ("cifar10", "train", "cifar_train")}
 
 
-def cache_path(out: Path, name: str, mode: dict) -> Path:
-    return out / "caches" / f"{name}-{mode['model']['image_size']}px"
+def cache_path(out: Path, name: str, mode: Mode) -> Path:
+    return out / "caches" / f"{name}-{mode.model.image_size}px"
 
 
-def build_caches(data: Path, out: Path, mode: dict, progress: bool) -> None:
+def build_caches(data: Path, out: Path, mode: Mode, progress: bool) -> None:
     """Each dataset decoded once, at the model's image size, into ``out/caches`` (reused by
     every run and every later call)."""
     from m3ae.data.cache import build_cache, is_cache, source_config
@@ -274,34 +176,34 @@ def build_caches(data: Path, out: Path, mode: dict, progress: bool) -> None:
         path = cache_path(out, name, mode)
         if is_cache(path):
             continue
-        n = mode["train_shards"] if split == "train" and folder == TIN else None
-        limit = mode[size_key] if size_key else None
-        build_cache([source_config(shards(data, folder, split, n))], path, mode["model"]["image_size"],
+        n = mode.train_shards if split == "train" and folder == TIN else None
+        limit = getattr(mode, size_key) if size_key else None
+        build_cache([source_config(shards(data, folder, split, n))], path, mode.model.image_size,
                     progress=progress, limit=limit)
 
 
-def build_run_config(spec: RunSpec, mode: dict, data: Path, tokenizer: Path, device: str, out: Path | None = None):
+def build_run_config(spec: RunSpec, mode: Mode, data: Path, tokenizer: Path, device: str, out: Path | None = None):
     from m3ae.config import build_config
     from m3ae.tokenizer import load_tokenizer
 
-    m, steps = mode, mode["steps"]
-    overrides = [f"model.{k}={v}" for k, v in m["model"].items()] + [
+    m, steps = mode, mode.steps
+    overrides = [f"model.image_size={m.model.image_size}", f"model.patch_size={m.model.patch_size}",
         f"model.vocab_size={load_tokenizer(tokenizer).get_vocab_size()}",
         *(["data.source=cache", f"data.urls={cache_path(out or tokenizer.parent, 'tin-train', m)}"]
-          if m.get("cache") else
-          ["data.source=webdataset", f"data.urls={shards(data, TIN, 'train', m['train_shards'])}"]),
-        f"data.tokenizer={tokenizer}", f"data.text_len={m['text_len']}",
+          if m.cache else
+          ["data.source=webdataset", f"data.urls={shards(data, TIN, 'train', m.train_shards)}"]),
+        f"data.tokenizer={tokenizer}", f"data.text_len={m.text_len}",
         # The shards were shuffled when built: read in order, no shuffle buffer is needed, and
         # the order is a function of the seed alone for every run (MAE and M3AE alike).
         "data.shuffle_buffer=0",
-        f"train.steps={steps}", f"train.batch_size={m['batch_size']}", f"train.lr={m['lr']}",
-        f"train.warmup_steps={m['warmup']}", f"train.seed={spec.seed}", f"train.device={device}",
+        f"train.steps={steps}", f"train.batch_size={m.batch_size}", f"train.lr={m.lr}",
+        f"train.warmup_steps={m.warmup}", f"train.seed={spec.seed}", f"train.device={device}",
         f"train.log_every={max(1, min(10, steps // 10))}", "train.recon_every=0",
         # Checkpoints at every quarter are kept: the probe curve is measured on them.
         f"train.ckpt_every={max(1, steps // 4)}", "train.keep_last=1", f"train.keep_every={max(1, steps // 4)}",
-        f"train.precision={m.get('precision', 'fp32')}",
+        f"train.precision={m.precision}",
     ] + spec.overrides
-    return build_config(m["preset"], None, overrides)
+    return build_config(m.preset, None, overrides)
 
 
 def _subset(f, keep: np.ndarray):
@@ -311,7 +213,7 @@ def _subset(f, keep: np.ndarray):
 
 
 # ---------------------------------------------------------------------------- one run
-def eval_images(data: Path, out: Path, mode: dict, size: int) -> dict:
+def eval_images(data: Path, out: Path, mode: Mode, size: int) -> dict:
     """The evaluation images of every run, decoded and normalised once (by the library's
     evaluation path) and kept as float16 tensors in ``out/eval_cache``: every checkpoint of
     every run is then one encoder pass over tensors, not a fresh JPEG decode."""
@@ -319,10 +221,10 @@ def eval_images(data: Path, out: Path, mode: dict, size: int) -> dict:
 
     from m3ae.evaluation import load_labelled, make_loader
 
-    sets = {"tin-train": (TIN, "train", mode["probe_train"]), "tin-val": (TIN, "val", mode["val"]),
-            "cifar-test": ("cifar10", "test", mode["cifar_test"]),
-            "cifar-train": ("cifar10", "train", mode["cifar_train"])}
-    where = {name: str(cache_path(out, name, mode)) if mode.get("cache") else shards(data, folder, split)
+    sets = {"tin-train": (TIN, "train", mode.probe_train), "tin-val": (TIN, "val", mode.val),
+            "cifar-test": ("cifar10", "test", mode.cifar_test),
+            "cifar-train": ("cifar10", "train", mode.cifar_train)}
+    where = {name: str(cache_path(out, name, mode)) if mode.cache else shards(data, folder, split)
              for name, (folder, split, _) in sets.items()}
     cache = out / "eval_cache"
     cache.mkdir(parents=True, exist_ok=True)
@@ -370,31 +272,31 @@ def few_shot(f, k: int, seed: int):
     return _subset(f, keep)
 
 
-def probe_checkpoint(model, sets: dict, mode: dict, seed: int) -> tuple[dict, dict]:
-    """Linear probe (+ kNN) of every pool on Tiny-ImageNet val, and with ``mode["fewshot"]``
+def probe_checkpoint(model, sets: dict, mode: Mode, seed: int) -> tuple[dict, dict]:
+    """Linear probe (+ kNN) of every pool on Tiny-ImageNet val, and with ``mode.fewshot``
     a linear probe trained on that many images per class -> (results, features)."""
     from m3ae.evaluation import linear_probe
 
     train, val = encode(model, sets["tin-train"]), encode(model, sets["tin-val"])
-    probes = {p: linear_probe(train[p], val[p], epochs=mode["probe_epochs"], seed=seed) for p in POOLS}
-    if mode.get("fewshot"):
+    probes = {p: linear_probe(train[p], val[p], epochs=mode.probe_epochs, seed=seed) for p in POOLS}
+    if mode.fewshot:
         for p in POOLS:  # the same images for every model and checkpoint (seed 0)
-            probes[f"{p}/fewshot"] = linear_probe(few_shot(train[p], mode["fewshot"], 0), val[p],
-                                                  epochs=mode["probe_epochs"], seed=seed)
+            probes[f"{p}/fewshot"] = linear_probe(few_shot(train[p], mode.fewshot, 0), val[p],
+                                                  epochs=mode.probe_epochs, seed=seed)
     return probes, {"train": train, "val": val}
 
 
-def ood_eval(model, sets: dict, feats: dict, probe, mode: dict, seed: int) -> dict:
+def ood_eval(model, sets: dict, feats: dict, probe, mode: Mode, seed: int) -> dict:
     """Far OOD (Tiny-ImageNet val vs CIFAR-10 test) and near OOD (CIFAR-10 classes 0-4 vs 5-9)."""
     from m3ae.evaluation import ood_scores
 
-    pool = mode.get("pool", "cls")
+    pool = mode.pool
     c = {k: encode(model, sets[k])[pool] for k in ("cifar-test", "cifar-train")}
     far = ood_scores(feats["train"][pool], feats["val"][pool], c["cifar-test"], probe=probe)
     near = ood_scores(_subset(c["cifar-train"], c["cifar-train"].labels < 5),
                       _subset(c["cifar-test"], c["cifar-test"].labels < 5),
                       _subset(c["cifar-test"], c["cifar-test"].labels >= 5),
-                      probe_epochs=mode["probe_epochs"], seed=seed)
+                      probe_epochs=mode.probe_epochs, seed=seed)
     return {"ood_far": {"metrics": far.metrics, "id_accuracy": far.id_accuracy,
                         "n_id": len(feats["val"][pool]), "n_ood": len(c["cifar-test"])},
             "ood_near": {"metrics": near.metrics, "id_accuracy": near.id_accuracy,
@@ -402,7 +304,7 @@ def ood_eval(model, sets: dict, feats: dict, probe, mode: dict, seed: int) -> di
                          "n_ood": int((c["cifar-test"].labels >= 5).sum())}}
 
 
-def evaluate_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: str, progress: bool,
+def evaluate_run(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, device: str, progress: bool,
                  out: Path | None = None) -> dict:
     """Linear probe on Tiny-ImageNet val of the final model (every pool) and of the kept
     checkpoints (the probe curve); for the main runs also OOD AUROCs."""
@@ -410,10 +312,10 @@ def evaluate_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: s
 
     model, _ = load_model(run_dir / "final", device)
     sets = eval_images(data, out or run_dir.parent, mode, model.config.image_size)
-    pool = mode.get("pool", "cls")
+    pool = mode.pool
     probes, feats = probe_checkpoint(model, sets, mode, spec.seed)
     res = {"probe": probes[pool].as_dict(), "probes": {p: r.as_dict() for p, r in probes.items()}, "pool": pool}
-    final_step = mode["steps"]
+    final_step = mode.steps
     curve = []
     for ckpt in sorted((run_dir / "checkpoints").glob("step_*"), key=lambda p: int(p.name.split("_")[1])):
         step = int(ckpt.name.split("_")[1])
@@ -431,7 +333,7 @@ def evaluate_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: s
     return res
 
 
-def save_pictures(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: str) -> list[str]:
+def save_pictures(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, device: str) -> list[str]:
     """Reconstructions of validation images (no captions there) and, for M3AE, of captioned
     training images plus cross-modal attention."""
     import torch
@@ -455,7 +357,7 @@ def save_pictures(spec: RunSpec, mode: dict, data: Path, run_dir: Path, device: 
         made.append(str(save_reconstruction_grid(model, batch, pics / "recon_train_captions.png", text_tokenizer,
                                                  generator=g)))
         made.append(str(save_attention_figure(model, text_tokenizer, batch, pics / "attention.png",
-                                             n=mode["attention_rows"])))
+                                             n=mode.attention_rows)))
     return made
 
 
@@ -495,7 +397,7 @@ def _take(run_dir: Path) -> bool:
     return _take_file(run_dir / "running.pid")
 
 
-def do_run(spec: RunSpec, mode: dict, data: Path, out: Path, tokenizer: Path, device: str,
+def do_run(spec: RunSpec, mode: Mode, data: Path, out: Path, tokenizer: Path, device: str,
            progress: bool) -> dict | None:
     """Pre-train and evaluate one run, or read its result; None when another process has it."""
     run_dir = out / spec.name
@@ -517,7 +419,7 @@ def do_run(spec: RunSpec, mode: dict, data: Path, out: Path, tokenizer: Path, de
         (run_dir / "running.pid").unlink(missing_ok=True)
 
 
-def _do_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, tokenizer: Path, device: str,
+def _do_run(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, tokenizer: Path, device: str,
             progress: bool) -> dict:
     from m3ae.training import pretrain
 
@@ -533,9 +435,9 @@ def _do_run(spec: RunSpec, mode: dict, data: Path, run_dir: Path, tokenizer: Pat
     ev = evaluate_run(spec, mode, data, run_dir, device, progress, out=run_dir.parent)
     t_eval = time.perf_counter() - t0
     if spec.kind == "m3ae":
-        ev["caption_diag"] = caption_diagnostic(run_dir, data, device, mode.get("caption_check", 2000))
-    pictures = save_pictures(spec, mode, data, run_dir, device) if mode["pictures"] and spec.ood and \
-        spec.seed == mode["seeds"][0] else []
+        ev["caption_diag"] = caption_diagnostic(run_dir, data, device, mode.caption_check)
+    pictures = save_pictures(spec, mode, data, run_dir, device) if mode.pictures and spec.ood and \
+        spec.seed == mode.seeds[0] else []
     result = {
         "name": spec.name, "kind": spec.kind, "seed": spec.seed, "paired_fraction": spec.paired_fraction,
         "text_mask_ratio": spec.text_mask_ratio, "steps": res.steps,
@@ -555,7 +457,7 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def measure(mode: dict, data: Path, out: Path, tokenizer: Path, device: str) -> dict:
+def measure(mode: Mode, data: Path, out: Path, tokenizer: Path, device: str) -> dict:
     """What one process spends here: samples/s of each model kind's pre-training (``m3ae
     pretrain`` itself on the mode's data, after its first log window), one checkpoint's probe
     evaluation, one OOD evaluation and one caption diagnostic."""
@@ -564,13 +466,13 @@ def measure(mode: dict, data: Path, out: Path, tokenizer: Path, device: str) -> 
     from m3ae.evaluation import load_model
     from m3ae.training import pretrain
 
-    n = mode.get("plan_steps", 15)
+    n = mode.plan_steps
     every = max(1, n // 3)
     rates, cost = {}, {}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         for spec in (RunSpec("m3ae", 0), RunSpec("mae", 0, ["data.paired_fraction=0.0"], kind="mae",
                                                  paired_fraction=0.0)):
-            cfg = build_run_config(spec, dict(mode, steps=n, warmup=1), data, tokenizer, device, out)
+            cfg = build_run_config(spec, replace(mode, steps=n, warmup=1), data, tokenizer, device, out)
             cfg.train.log_every, cfg.train.ckpt_every, cfg.train.keep_every = every, 0, 0
             run = Path(tmp) / spec.name
             res = pretrain(cfg, run, progress=False)
@@ -579,22 +481,22 @@ def measure(mode: dict, data: Path, out: Path, tokenizer: Path, device: str) -> 
         model, _ = load_model(Path(tmp) / "m3ae" / "final", device)
         sets = eval_images(data, out, mode, model.config.image_size)
         (probes, feats), cost["probe_checkpoint_s"] = _timed(lambda: probe_checkpoint(model, sets, mode, 0))
-        pool = mode.get("pool", "cls")
+        pool = mode.pool
         _, cost["ood_s"] = _timed(lambda: ood_eval(model, sets, feats, probes[pool].probe, mode, 0))
         _, cost["caption_diag_s"] = _timed(lambda: caption_diagnostic(Path(tmp) / "m3ae", data, device,
-                                                                      mode.get("caption_check", 2000)))
+                                                                      mode.caption_check))
     return {"samples_per_s": rates, **cost, "timed_steps": n}
 
 
-def plan(mode: dict, specs: list, measured: dict, budget_s: float, processes: int, spent_s: float) -> dict:
-    """The largest step count (a multiple of 100 within ``mode["step_range"]``) at which every
+def plan(mode: Mode, specs: list, measured: dict, budget_s: float, processes: int, spent_s: float) -> dict:
+    """The largest step count (a multiple of 100 within ``mode.step_range``) at which every
     run and its evaluation fit ``budget_s`` of wall time with ``processes`` processes, from the
     measured costs; without the ablations when even the smallest does not fit."""
-    lo, hi = mode["step_range"]
+    lo, hi = mode.step_range
     n_curve = 4  # the probe curve: a checkpoint at every quarter, the last one the final model
 
     def costs(runs):
-        per_step = sum(mode["batch_size"] / measured["samples_per_s"][r.kind] for r in runs)
+        per_step = sum(mode.batch_size / measured["samples_per_s"][r.kind] for r in runs)
         evals = sum(n_curve * measured["probe_checkpoint_s"] + (measured["ood_s"] if r.ood else 0)
                     + (measured["caption_diag_s"] if r.kind == "m3ae" else 0) for r in runs)
         return per_step, evals
@@ -614,25 +516,25 @@ def plan(mode: dict, specs: list, measured: dict, budget_s: float, processes: in
     fits = steps >= lo
     steps = min(max(steps, lo), hi)
     per_step, evals = costs(runs)
-    return {"steps": steps, "warmup": max(1, round(steps * mode.get("warmup_fraction", 0.05))),
+    return {"steps": steps, "warmup": max(1, round(steps * mode.warmup_fraction)),
             "runs": [r.name for r in runs], "dropped": dropped, "fits": fits, "budget_s": budget_s,
             "processes": processes, "planning_s": spent_s,
             "estimated_wall_s": spent_s + (evals + steps * per_step) / processes, "measured": measured}
 
 
-def plan_text(p: dict, mode: dict) -> str:
+def plan_text(p: dict, mode: Mode) -> str:
     m = p["measured"]
     rate = ", ".join(f"{k} {v:.0f} samples/s" for k, v in m["samples_per_s"].items())
     dropped = f"; left out to fit: {', '.join(p['dropped'])}" if p["dropped"] else ""
     over = "" if p["fits"] else f" (the smallest budget, {p['steps']} steps, does not fit: expect longer)"
-    return (f"plan: {p['steps']} steps of batch {mode['batch_size']} for {len(p['runs'])} runs "
+    return (f"plan: {p['steps']} steps of batch {mode.batch_size} for {len(p['runs'])} runs "
             f"({', '.join(p['runs'])}){dropped}{over}; measured per process: {rate}, one checkpoint's probes "
             f"{m['probe_checkpoint_s']:.0f} s, OOD {m['ood_s']:.0f} s, caption check {m['caption_diag_s']:.0f} s; "
             f"estimated wall {p['estimated_wall_s'] / 60:.1f} min of the {p['budget_s'] / 60:.1f} min budget with "
             f"{p['processes']} process(es)")
 
 
-def prepare(mode: dict, data: Path, out: Path, device: str, args) -> tuple[dict, Path, list]:
+def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode, Path, list]:
     """Caches, tokenizer and (planned modes) the plan, made by the first process while later
     ones wait for its ``plan.json``. -> (the mode with its steps, tokenizer, run specs)."""
     t_start = time.perf_counter()
@@ -650,22 +552,22 @@ def prepare(mode: dict, data: Path, out: Path, device: str, args) -> tuple[dict,
             break
     if mine and not done.is_file():
         try:
-            if mode.get("cache"):
+            if mode.cache:
                 build_caches(data, out, mode, progress=not args.no_progress)
             tokenizer = train_tokenizer(out, data, mode)
-            if mode["steps"] == "plan":
-                budget = args.budget_s or mode["budget_s"]
+            if mode.steps == "plan":
+                budget = args.budget_s or mode.budget_s
                 measured = measure(mode, data, out, tokenizer, device)
                 p = plan(mode, specs, measured, budget, args.processes, time.perf_counter() - t_start)
             else:
-                p = {"steps": mode["steps"], "warmup": mode["warmup"], "runs": [r.name for r in specs]}
+                p = {"steps": mode.steps, "warmup": mode.warmup, "runs": [r.name for r in specs]}
             write_json_atomic(done, p)
         finally:
             lock.unlink(missing_ok=True)
     p = json.loads(done.read_text())
     if "measured" in p:
         print(plan_text(p, mode), flush=True)
-    mode = dict(mode, steps=p["steps"], warmup=p["warmup"])
+    mode = replace(mode, steps=p["steps"], warmup=p["warmup"])
     return mode, out / "tokenizer.json", [r for r in specs if r.name in p["runs"]]
 
 
@@ -692,16 +594,16 @@ def _take_file(lock: Path) -> bool:
 # ------------------------------------------------------------------------------ report
 # The report itself is the library's (m3ae.reports.reproduction); what it needs of this
 # experiment's definition goes in as data.
-EXPERIMENT = Experiment(paper=PAPER, modes=tuple(MODES), full=MODES["full"], full_runs=len(run_specs(MODES["full"])),
-                        paired_fractions=PAIRED_FRACTIONS, text_mask_ratios=TEXT_MASK_RATIOS)
+EXPERIMENT = Experiment(paper=PAPER, modes=tuple(MODES), full=MODES["full"].settings(),
+                        full_runs=len(run_specs(MODES["full"])))
 
 
-def summarize(results: dict[str, dict], mode_name: str, mode: dict) -> dict:
-    return reproduction.summarize(results, mode_name, mode, EXPERIMENT)
+def summarize(results: dict[str, dict], mode_name: str, mode: Mode) -> dict:
+    return report_lib.summarize(results, mode_name, mode.settings(), EXPERIMENT)
 
 
-def report(out: Path, docs: Path, mode_name: str, mode: dict | None = None) -> Path:
-    return reproduction.report(out, docs, mode_name, mode or MODES[mode_name], EXPERIMENT)
+def report(out: Path, docs: Path, mode_name: str, mode: Mode | None = None) -> Path:
+    return report_lib.report(out, docs, mode_name, (mode or MODES[mode_name]).settings(), EXPERIMENT)
 
 
 # --------------------------------------------------------------------------------- main
@@ -745,8 +647,8 @@ def main(argv=None) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         data = Path(args.data)
         out.mkdir(parents=True, exist_ok=True)
-        if mode.get("classes"):
-            data = class_subset(data, out, mode["classes"])
+        if mode.classes:
+            data = class_subset(data, out, mode.classes)
         mode, tokenizer, specs = prepare(mode, data, out, device, args)
         specs = [s for s in specs if args.runs is None or s.name in args.runs]
         for i, spec in enumerate(specs):

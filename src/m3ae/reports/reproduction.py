@@ -26,8 +26,6 @@ class Experiment:
     modes: tuple[str, ...]  # every mode that has a page (the pages link to each other)
     full: dict  # the full mode's settings (steps, batch_size, seeds, evaluation sizes): its cost estimate
     full_runs: int  # how many runs the full mode has
-    paired_fractions: tuple[float, ...]  # the ablation grids of a mode that does not set its own
-    text_mask_ratios: tuple[float, ...]
 
 
 # Every readout of a run's encoder: (key in result["probes"] and in its curve points, field).
@@ -66,8 +64,8 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict, experiment: 
     def top1(rs):
         return [100 * r["probe"]["top1"] for r in rs]
 
-    paired_fractions = tuple(mode.get("paired_fractions", experiment.paired_fractions))
-    text_mask_ratios = tuple(mode.get("text_mask_ratios", experiment.text_mask_ratios))
+    paired_fractions = tuple(mode["paired_fractions"])
+    text_mask_ratios = tuple(mode["text_mask_ratios"])
     mae, m3ae = by("mae"), by("m3ae", pf=1.0, tm=0.75)
     mae, m3ae = sorted(mae, key=lambda r: r["seed"]), sorted(m3ae, key=lambda r: r["seed"])
     mae_acc, m3ae_acc = top1(mae), top1(m3ae)

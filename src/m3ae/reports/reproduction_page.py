@@ -213,7 +213,7 @@ def _readouts_text(s: dict, rel) -> list[str]:
     if not r:
         return []
     L = ["", "Every readout of the final encoders (top-1 %, Tiny-ImageNet val; the few-shot probe trains on "
-         f"{s['settings'].get('fewshot', '–')} images per class, the same images for every model):", "",
+         f"{s['settings'].get('fewshot') or '–'} images per class, the same images for every model):", "",
          "| readout | MAE (seeds) | M3AE (seeds) | gap | larger seed std | gap / std | verdict |",
          "|---|---|---|---|---|---|---|"]
     for label, v in r.items():

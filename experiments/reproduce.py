@@ -193,8 +193,9 @@ def build_run_config(spec: RunSpec, mode: Mode, data: Path, tokenizer: Path, dev
           if m.cache else
           ["data.source=webdataset", f"data.urls={shards(data, TIN, 'train', m.train_shards)}"]),
         f"data.tokenizer={tokenizer}", f"data.text_len={m.text_len}",
-        # The shards were shuffled when built: read in order, no shuffle buffer is needed, and
-        # the order is a function of the seed alone for every run (MAE and M3AE alike).
+        # The shards were shuffled when built, so they are read in order without a shuffle buffer
+        # (cheaper). MAE and M3AE see the same order either way: a buffer is seeded too, from
+        # (seed, epoch, slot); the cache source draws its order from (seed, epoch).
         "data.shuffle_buffer=0",
         f"train.steps={steps}", f"train.batch_size={m.batch_size}", f"train.lr={m.lr}",
         f"train.warmup_steps={m.warmup}", f"train.seed={spec.seed}", f"train.device={device}",
@@ -390,37 +391,37 @@ def caption_diagnostic(run_dir: Path, data: Path, device: str, n: int = 2000) ->
     return {k: {"accuracy": a / count, "loss": l_ / count} for k, (a, l_) in sums.items()} | {"n": count}
 
 
-def _take(run_dir: Path) -> bool:
+def claim_run_dir(run_dir: Path) -> bool:
     """Mark ``run_dir`` as being worked on by this process; False when another live process
     on this machine has it. So the same command started twice shares out the runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return _take_file(run_dir / "running.pid")
+    return claim_pid_file(run_dir / "running.pid")
 
 
-def do_run(spec: RunSpec, mode: Mode, data: Path, out: Path, tokenizer: Path, device: str,
-           progress: bool) -> dict | None:
+def run_or_read(spec: RunSpec, mode: Mode, data: Path, out: Path, tokenizer: Path, device: str,
+                progress: bool) -> dict | None:
     """Pre-train and evaluate one run, or read its result; None when another process has it."""
     run_dir = out / spec.name
     result_path = run_dir / "result.json"
     if result_path.is_file():
         result = json.loads(result_path.read_text())
-        if spec.kind == "m3ae" and "caption_diag" not in result and _take(run_dir):
+        if spec.kind == "m3ae" and "caption_diag" not in result and claim_run_dir(run_dir):
             try:  # a result written before the diagnostic existed is completed, not redone
                 result["caption_diag"] = caption_diagnostic(run_dir, data, device)
                 write_json_atomic(result_path, result)  # a result file is complete or absent
             finally:
                 (run_dir / "running.pid").unlink(missing_ok=True)
         return result
-    if not _take(run_dir):
+    if not claim_run_dir(run_dir):
         return None
     try:
-        return _do_run(spec, mode, data, run_dir, tokenizer, device, progress)
+        return pretrain_and_evaluate(spec, mode, data, run_dir, tokenizer, device, progress)
     finally:
         (run_dir / "running.pid").unlink(missing_ok=True)
 
 
-def _do_run(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, tokenizer: Path, device: str,
-            progress: bool) -> dict:
+def pretrain_and_evaluate(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, tokenizer: Path, device: str,
+                          progress: bool) -> dict:
     from m3ae.training import pretrain
 
     result_path = run_dir / "result.json"
@@ -541,11 +542,11 @@ def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode,
     lock = out / "prepare.lock"
     done = out / "plan.json"
     specs = run_specs(mode)
-    mine = not done.is_file() and _take_file(lock)
+    mine = not done.is_file() and claim_pid_file(lock)
     if not done.is_file() and not mine:
         print(f"waiting for the process preparing {out} (caches, tokenizer, plan)", flush=True)
         while not done.is_file():
-            if not _take_file(lock):
+            if not claim_pid_file(lock):
                 time.sleep(2)
                 continue
             mine = True
@@ -571,7 +572,7 @@ def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode,
     return mode, out / "tokenizer.json", [r for r in specs if r.name in p["runs"]]
 
 
-def _take_file(lock: Path) -> bool:
+def claim_pid_file(lock: Path) -> bool:
     """Create ``lock`` holding our pid; False when another live process holds it (a dead one's
     is taken over)."""
     try:
@@ -583,7 +584,7 @@ def _take_file(lock: Path) -> bool:
             return pid == os.getpid()
         except (ValueError, ProcessLookupError):
             lock.unlink(missing_ok=True)
-            return _take_file(lock)
+            return claim_pid_file(lock)
         except PermissionError:
             return False
     os.write(fd, str(os.getpid()).encode())
@@ -653,7 +654,7 @@ def main(argv=None) -> int:
         specs = [s for s in specs if args.runs is None or s.name in args.runs]
         for i, spec in enumerate(specs):
             t0 = time.perf_counter()
-            r = do_run(spec, mode, data, out, tokenizer, device, progress=not args.no_progress)
+            r = run_or_read(spec, mode, data, out, tokenizer, device, progress=not args.no_progress)
             if r is None:
                 print(f"[{i + 1}/{len(specs)}] {spec.name}: another process is running it; skipped", flush=True)
                 continue

@@ -48,14 +48,14 @@ def test_a_run_is_taken_by_one_process(reproduce, tmp_path):
     import subprocess
 
     run = tmp_path / "run"
-    assert reproduce._take(run)  # free
-    assert reproduce._take(run)  # already ours
+    assert reproduce.claim_run_dir(run)  # free
+    assert reproduce.claim_run_dir(run)  # already ours
     (run / "running.pid").write_text(str(os.getppid()))  # a live process that is not us
-    assert not reproduce._take(run)
+    assert not reproduce.claim_run_dir(run)
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run / "running.pid").write_text(str(gone.pid))  # a stale lock is taken over
-    assert reproduce._take(run) and (run / "running.pid").read_text() == str(os.getpid())
+    assert reproduce.claim_run_dir(run) and (run / "running.pid").read_text() == str(os.getpid())
 
 
 @pytest.mark.slow

@@ -78,28 +78,17 @@ def class_subset(data: Path, out: Path, n_classes: int) -> Path:
 def train_tokenizer(out: Path, data: Path, mode: Mode) -> Path:
     """One WordPiece vocabulary from the pre-training captions, shared by every run (so all
     M3AE runs see the same token ids); trained once, since retraining can reorder ids."""
+    from m3ae.config import DataConfig
+    from m3ae.data import source_captions
     from m3ae.tokenizer import train_wordpiece
 
     path = out / "tokenizer.json"
     if path.is_file():
         return path
-    if mode.cache:  # the library's reader: captions cleaned as pre-training sees them
-        from m3ae.config import DataConfig
-        from m3ae.data import source_captions
-
-        cfg = DataConfig(source="cache", urls=str(cache_path(out, "tin-train", mode)))
-        captions = list(source_captions(cfg, limit=mode.caption_limit or 10**9))
-        return _save_once(train_wordpiece(captions, vocab_size=mode.vocab), path)
-    captions = []
-    for shard in shards(data, TIN, "train", mode.train_shards).split("::"):
-        with tarfile.open(shard, "r|*") as tf:
-            for m in tf:
-                if m.name.endswith(".txt"):
-                    captions.append(tf.extractfile(m).read().decode("utf-8").strip())
-                    if mode.caption_limit and len(captions) >= mode.caption_limit:
-                        break
-        if mode.caption_limit and len(captions) >= mode.caption_limit:
-            break
+    # The library's reader: the captions cleaned as pre-training sees them, in source order.
+    cfg = (DataConfig(source="cache", urls=str(cache_path(out, "tin-train", mode))) if mode.cache else
+           DataConfig(source="webdataset", urls=shards(data, TIN, "train", mode.train_shards)))
+    captions = list(source_captions(cfg, limit=mode.caption_limit or 10**9))
     return _save_once(train_wordpiece(captions, vocab_size=mode.vocab), path)
 
 
@@ -203,19 +192,20 @@ def eval_images(data: Path, out: Path, mode: Mode, size: int) -> dict:
 
 
 def encode(model, blob: dict, batch_size: int = 500) -> dict:
-    """Image-only encoder features of a cached set, every pool from one forward."""
+    """Image-only encoder features of a cached set, every pool from one forward (the library's
+    :func:`m3ae.evaluation.features.encode_batch` on the cached tensors, not a fresh decode)."""
     import torch
 
     from m3ae.evaluation import Features
-    from m3ae.evaluation.features import pool_tokens
+    from m3ae.evaluation.features import encode_batch
 
     model.eval()
     feats = {p: [] for p in POOLS}
     with torch.no_grad():
         for i in range(0, len(blob["images"]), batch_size):
-            latent = model.forward_features(blob["images"][i:i + batch_size].float())
+            out = encode_batch(model, {"image": blob["images"][i:i + batch_size].float()}, "image", POOLS)
             for p in POOLS:
-                feats[p].append(pool_tokens(latent, None, p))
+                feats[p].append(out[p].cpu())
     labels = blob["labels"].numpy()
     keys = [str(i) for i in range(len(labels))]
     return {p: Features(torch.cat(f).numpy(), labels, keys, blob["classes"]) for p, f in feats.items()}

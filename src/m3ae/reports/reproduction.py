@@ -54,7 +54,9 @@ def readout_summary(m3ae: list[dict], mae: list[dict]) -> tuple[dict, dict]:
 
 
 def summarize(results: dict[str, dict], mode_name: str, mode: dict, experiment: Experiment) -> dict:
-    """The numbers the report shows, from the per-run results."""
+    """The numbers the report shows, from the per-run results. ``mode``: the mode's settings as
+    plain data (seeds, pool, paired_fractions, text_mask_ratios, steps, ...), kept in the
+    summary as ``settings``."""
     def by(kind=None, pf=None, tm=None, seed=None):
         return [r for r in results.values() if (kind is None or r["kind"] == kind)
                 and (pf is None or abs(r["paired_fraction"] - pf) < 1e-9)

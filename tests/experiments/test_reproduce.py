@@ -3,6 +3,7 @@ data, so that the one-command experiment cannot rot: pre-training of an MAE and 
 probe, OOD scores, pictures, the report, and skipping/resuming on a second call."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -47,14 +48,14 @@ def test_a_run_is_taken_by_one_process(reproduce, tmp_path):
     import subprocess
 
     run = tmp_path / "run"
-    assert reproduce._take(run)  # free
-    assert reproduce._take(run)  # already ours
+    assert reproduce.claim_run_dir(run)  # free
+    assert reproduce.claim_run_dir(run)  # already ours
     (run / "running.pid").write_text(str(os.getppid()))  # a live process that is not us
-    assert not reproduce._take(run)
+    assert not reproduce.claim_run_dir(run)
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run / "running.pid").write_text(str(gone.pid))  # a stale lock is taken over
-    assert reproduce._take(run) and (run / "running.pid").read_text() == str(os.getpid())
+    assert reproduce.claim_run_dir(run) and (run / "running.pid").read_text() == str(os.getpid())
 
 
 @pytest.mark.slow
@@ -150,7 +151,7 @@ def test_standard_report_states_the_measured_gap(reproduce, tmp_path):
 
 
 def test_the_plan_fits_the_budget_and_drops_ablations_before_seeds(reproduce):
-    mode = dict(reproduce.MODES["standard"], step_range=(600, 2400), batch_size=100)
+    mode = dataclasses.replace(reproduce.MODES["standard"], step_range=(600, 2400), batch_size=100)
     specs = reproduce.run_specs(mode)  # 3 MAE + 3 M3AE seeds, 2 ablations
     measured = {"samples_per_s": {"m3ae": 100.0, "mae": 200.0}, "probe_checkpoint_s": 10.0, "ood_s": 20.0,
                 "caption_diag_s": 5.0, "timed_steps": 15}

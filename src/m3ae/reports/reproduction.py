@@ -10,23 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import write_json_atomic
+from .experiment import POOLS, Experiment  # noqa: F401 (also imported from here)
 from .stats import compare, compare_noise, compare_strict, gap_stats, mean
-
-POOLS = ("cls", "mean")  # the paper probes CLS; the mean of the image tokens is reported beside it
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """What the report needs of the experiment's definition besides the results."""
-    paper: dict  # the paper's numbers: claim1 {mae, m3ae}, claim2 {fraction: top-1}, claim3 (words), claim4
-    modes: tuple[str, ...]  # every mode that has a page (the pages link to each other)
-    full: dict  # the full mode's settings (steps, batch_size, seeds, evaluation sizes): its cost estimate
-    full_runs: int  # how many runs the full mode has
-
 
 # Every readout of a run's encoder: (key in result["probes"] and in its curve points, field).
 READOUTS = {"linear probe, CLS": ("cls", "top1"), "linear probe, mean": ("mean", "top1"),

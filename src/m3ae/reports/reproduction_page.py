@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import PRESETS
 from ..io import atomic_write
-from .reproduction import POOLS, Experiment
+from .experiment import POOLS, Experiment
 from .stats import mean, ordinal, seeds_cell
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reproduction import POOLS
+from .experiment import POOLS
 
 
 def make_plots(s: dict, docs: Path) -> list[str]:

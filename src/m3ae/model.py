@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .config import ModelConfig, model_config
-from .ops import (Masking, gather_tokens, no_masking, patchify, pool_tokens, random_masking, sincos_1d,
-                  sincos_2d)
+from .ops import (Masking, gather_tokens, no_masking, patchify, pool_tokens, random_masking, resolve_blocks,
+                  sincos_1d, sincos_2d)
 from .pretrained import (load_state_dict_checked, push_to_hub, read_model_config, read_weights,
                          resolve_pretrained, save_pretrained)
 
@@ -501,31 +501,42 @@ class M3AE(nn.Module):
             raise ValueError(f"padding_mask {tuple(padding_mask.shape)} does not match ids {tuple(ids.shape)}")
         return ids, padding_mask
 
-    def encode_image(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+    def _pooled(self, image, text, padding_mask, pool: str, blocks):
+        """One encoder pass -> pooled features of the final output, or with ``blocks`` a list
+        of them, one per layer (see :func:`m3ae.ops.resolve_blocks`; None = the final output)."""
+        enc, _ = self.forward_encoder(image, text, padding_mask, return_intermediates=blocks is not None)
+        if blocks is None:
+            return pool_tokens(enc.latent, enc.key_valid, pool)
+        return [pool_tokens(enc.latent if b is None else enc.intermediates[b], enc.key_valid, pool)
+                for b in resolve_blocks(blocks, self.config.depth)]
+
+    def encode_image(self, images: torch.Tensor, pool: str = "cls", blocks=None):
         """Image features (B, emb_dim): the encoder's CLS token (``pool="cls"``) or the mean of
         its patch tokens (``"mean"``), for unmasked normalised images (B, 3, H, W) or (3, H, W).
-        The numbers ``m3ae embed --modality image`` writes."""
-        enc, _ = self.forward_encoder(self._check_images(images))
-        return pool_tokens(enc.latent, enc.key_valid, pool)
+        The numbers ``m3ae embed --modality image`` writes. ``blocks`` (``"all"`` or a list of
+        block indices, None for the final output) gives a list of features, one per layer, from
+        the same pass (each block's residual stream, before the final LayerNorm), as timm's
+        ``forward_intermediates``."""
+        return self._pooled(self._check_images(images), None, None, pool, blocks)
 
     def encode_text(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                    pool: str = "cls") -> torch.Tensor:
+                    pool: str = "cls", blocks=None):
         """Caption features (B, emb_dim) from token ids (B, T) and their padding mask (True =
-        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``."""
+        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``.
+        ``blocks``: as in :meth:`encode_image`."""
         ids, padding_mask = self._check_text(ids, padding_mask)
-        enc, _ = self.forward_encoder(None, ids, padding_mask)
-        return pool_tokens(enc.latent, enc.key_valid, pool)
+        return self._pooled(None, ids, padding_mask, pool, blocks)
 
     def encode(self, images: torch.Tensor, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-               pool: str = "cls") -> torch.Tensor:
+               pool: str = "cls", blocks=None):
         """Joint features (B, emb_dim) of images and their captions in one encoder pass (the
-        mean runs over the patches and the caption's real tokens)."""
+        mean runs over the patches and the caption's real tokens). ``blocks``: as in
+        :meth:`encode_image`."""
         images = self._check_images(images)
         ids, padding_mask = self._check_text(ids, padding_mask)
         if ids.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {ids.shape[0]} captions")
-        enc, _ = self.forward_encoder(images, ids, padding_mask)
-        return pool_tokens(enc.latent, enc.key_valid, pool)
+        return self._pooled(images, ids, padding_mask, pool, blocks)
 
     @torch.no_grad()
     def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,

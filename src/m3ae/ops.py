@@ -202,6 +202,32 @@ def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, pool: str) -> 
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
+def resolve_blocks(spec, depth: int) -> tuple[int | None, ...]:
+    """Which layers a sweep reads: ``"all"`` (every block, then the final normalised output),
+    or a comma-separated string / sequence of block indices (0-based, negative from the end)
+    and ``"final"`` / None. Negative indices become non-negative, so ``-1`` and ``depth - 1``
+    are one layer (one cache entry); order is kept, repeats dropped."""
+    if isinstance(spec, str):
+        spec = [*range(depth), None] if spec.strip() == "all" else [s.strip() for s in spec.split(",") if s.strip()]
+    out: list[int | None] = []
+    for b in spec:
+        if b is None or b == "final":
+            b = None
+        else:
+            try:
+                b = int(b)
+            except (TypeError, ValueError):
+                raise ValueError(f"blocks are 'all', 'final' or integers, got {b!r}") from None
+            if not -depth <= b < depth:
+                raise ValueError(f"block {b} is out of range for an encoder of depth {depth}")
+            b %= depth
+        if b not in out:
+            out.append(b)
+    if not out:
+        raise ValueError("no blocks given")
+    return tuple(out)
+
+
 def trim_text_padding(text: torch.Tensor | None, padding_mask: torch.Tensor | None,
                       length: int | None = None):
     """Cut captions (B, T) and their padding mask to the batch's longest real caption.

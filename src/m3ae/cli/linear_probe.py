@@ -1,7 +1,8 @@
 """m3ae linear-probe: frozen encoder, CLS and mean-pooled features, BatchNorm (no affine) + linear
 layer; top-1/top-5 and a kNN check on the evaluation split, beside chance, a raw-pixel baseline
-and (with --baselines random-init) the same encoder with random weights. Features are cached
-on disk (model + data hash)."""
+and (with --baselines random-init) the same encoder with random weights. With --blocks, the
+same probe at every chosen layer, all layers' features from one encoder pass. Features are
+cached on disk (model + data hash)."""
 from __future__ import annotations
 
 from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
@@ -10,6 +11,7 @@ EPILOG = """examples:
   m3ae linear-probe runs/demo/final --train shapes:2000:0 --val shapes:500:1
   m3ae linear-probe runs/tin/final --train '../shared/data/tiny-imagenet-captions/train-*.tar.gz' \\
       --val '../shared/data/tiny-imagenet-captions/val-*.tar.gz' --out runs/tin/probe --baselines pixels,random-init
+  m3ae linear-probe runs/demo/final --train shapes:2000:0 --val shapes:500:1 --blocks all   # every layer
 """
 BASELINES = ("pixels", "random-init")
 
@@ -31,10 +33,13 @@ def register(sub) -> None:
                         "pass, then cached), or none")
     p.add_argument("--out", default=None, help="folder for results.json and probe.safetensors")
     add_feature_args(p, both=True)
+    p.add_argument("--blocks", default=None, metavar="all|LIST",
+                   help="probe every layer ('all': each block's output, then the final normalised output) or "
+                        "these (e.g. 0,2,final); all layers' features come from one encoder pass")
     p.set_defaults(func=run)
 
 
-def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None):
+def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None, layers=None):
     from ..device import resolve_device
     from ..evaluation.data import load_labelled
     from ..evaluation.features import cached_features
@@ -43,7 +48,7 @@ def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None):
     model_dir = model_dir or args.model
     size = read_model_config(model_dir).image_size
     return cached_features(model_dir, load_labelled(spec, size, limit=limit), pool=pool or args.pool,
-                           block=args.block, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                           block=args.block if layers is None else list(layers), batch_size=args.batch_size, cache_dir=args.cache_dir,
                            progress=not args.no_progress, device=resolve_device(args.device), desc=desc)
 
 
@@ -86,8 +91,16 @@ def run(args) -> int:
     if bad:
         raise ValueError(f"--baselines takes {', '.join(BASELINES)} or none; got {', '.join(bad)}")
     pools = ("cls", "mean") if args.pool == "both" else (args.pool,)
-    train = features_for(args, args.train, args.limit_train, "train features", pool=pools)
-    val = features_for(args, args.val, args.limit_val, "val features", pool=pools)
+    layers = None
+    if args.blocks:
+        from ..ops import resolve_blocks
+        from ..pretrained import read_model_config
+
+        if args.block is not None:
+            raise ValueError("--block and --blocks contradict each other: one layer or a sweep")
+        layers = resolve_blocks(args.blocks, read_model_config(args.model).depth)
+    train = features_for(args, args.train, args.limit_train, "train features", pool=pools, layers=layers)
+    val = features_for(args, args.val, args.limit_val, "val features", pool=pools, layers=layers)
     progress = not args.no_progress
 
     def probe(tr, va, what):
@@ -97,6 +110,8 @@ def run(args) -> int:
         return linear_probe(tr, va, epochs=args.epochs, batch_size=args.probe_batch_size, lr=args.lr,
                             knn_k=args.knn_k, seed=args.seed, progress=progress, desc=what)
 
+    if layers is not None:
+        return _sweep(args, layers, pools, train, val, probe)
     results = {p: probe(train[p], val[p], f"{p} pooling") for p in pools}
     extra = {}
     if "pixels" in baselines:
@@ -136,3 +151,46 @@ def run(args) -> int:
                                                                      f"probe_{p}.safetensors"))
         print(f"wrote {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _sweep(args, layers, pools, train, val, probe) -> int:
+    """``--blocks``: one probe per layer and pool, a table and (with --out) results.json plus
+    a plot of top-1 against depth."""
+    from pathlib import Path
+
+    from ..evaluation.data import data_name
+    from ..evaluation.features import layer_name
+
+    results = {b: {p: probe(train[b][p], val[b][p], f"{layer_name(b)}, {p}") for p in pools} for b in layers}
+    first = results[layers[0]][pools[0]]
+    print(f"linear probe per layer on {data_name(args.val)} ({first.num_train} train / {first.num_eval} eval, "
+          f"{first.num_classes} classes)")
+    print(f"  {'':<26}probe top-1  kNN top-1")
+    for b, by_pool in results.items():
+        for p, r in by_pool.items():
+            print(_row(f"{layer_name(b)}, {p}", r, False))
+    print(f"  {'chance':<26}{first.chance:>11.2%}")
+    if args.out:
+        by_layer = {layer_name(b): {p: r.as_dict() for p, r in by_pool.items()} for b, by_pool in results.items()}
+        write_results(args.out, "results.json", {
+            "by_layer": by_layer, "layers": [layer_name(b) for b in layers], "pools": list(pools),
+            "chance": first.chance, "model": str(args.model), "train": args.train, "val": args.val}, args)
+        _plot_layers(results, Path(args.out) / "layers.png")
+        print(f"wrote {Path(args.out) / 'results.json'} and layers.png")
+    return 0
+
+
+def _plot_layers(results: dict, path) -> None:
+    """Probe and kNN top-1 against the layer, a line per pool."""
+    from ..evaluation.features import layer_name
+    from ..visualize import new_figure, save_figure
+
+    names = [layer_name(b) for b in results]
+    fig, ax = new_figure(figsize=(1.2 + 0.8 * len(names), 3.2))
+    for p in next(iter(results.values())):
+        ax.plot(names, [100 * r[p].top1 for r in results.values()], "o-", label=f"{p}, linear")
+        ax.plot(names, [100 * r[p].knn_top1 for r in results.values()], "x--", label=f"{p}, kNN")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title("probe at every layer")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)

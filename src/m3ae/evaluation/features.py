@@ -3,7 +3,10 @@
 A feature is the encoder's CLS token or the mean of its tokens (the real ones: caption
 padding and absent images are left out), from the final output (after the encoder's
 LayerNorm, what the paper probes) or from a chosen block (that block's residual stream,
-before any LayerNorm; the probe's BatchNorm takes care of the scale).
+before any LayerNorm; the probe's BatchNorm takes care of the scale). A sequence of blocks
+(``block=(0, 1, None)``, or :func:`m3ae.ops.resolve_blocks` of ``"all"``) reads them all from one
+forward pass: a probe at every layer costs one pass over the data, as timm's
+``forward_intermediates`` does.
 
 :func:`cached_features` stores features on disk under a key made of the model weights'
 hash, the data fingerprint and the options, so a probe, kNN and OOD run on the same model
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 from ..data import model_inputs
 from ..model import M3AE
 from ..io import atomic_write, save_safetensors
-from ..ops import POOLS, pool_tokens  # noqa: F401 (one pooling for every path, also M3AE.encode_*)
+from ..ops import POOLS, pool_tokens, resolve_blocks  # noqa: F401 (one pooling for every path, also M3AE.encode_*)
 from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
 from ..tokenizer import TextTokenizer, load_tokenizer
 from ..device import resolve_device  # noqa: F401 (also imported from here)
@@ -110,12 +113,19 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     return model, text_tokenizer
 
 
+def layer_name(block: int | None) -> str:
+    """A layer's name in tables and JSON: ``"block 3"`` or ``"final"`` (after the LayerNorm)."""
+    return "final" if block is None else f"block {block}"
+
+
 @torch.no_grad()
 def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str | tuple = "cls",
-                 block: int | None = None) -> torch.Tensor | dict:
+                 block=None) -> torch.Tensor | dict:
     """Features (B, D) of one collated batch; a tuple of pools gives ``{pool: (B, D)}`` from
     one forward pass. ``block`` (0-based, negative from the end) takes that block's output
-    instead of the final normalised encoder output."""
+    instead of the final normalised encoder output; a list or tuple of blocks (None: the final
+    output) gives ``{block: <that block's result>}`` from the same single pass, keyed by the
+    non-negative index."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     device = next(model.parameters()).device
@@ -129,17 +139,18 @@ def encode_batch(model: M3AE, batch: dict, modality: str = "image", pool: str | 
         text, pad = x["text"], x["text_padding_mask"]
     if image is None and text is None:
         raise ValueError("modality='image' needs images, but the batch has none")
+    sweep = isinstance(block, (list, tuple))
+    blocks = resolve_blocks(block if sweep else [block], model.config.depth)
     enc, _ = model.forward_encoder(image, text, pad, x["image_valid"] if image is not None else None,
-                                   return_intermediates=block is not None)
-    tokens = enc.latent
-    if block is not None:
-        depth = len(enc.intermediates)
-        if not -depth <= block < depth:
-            raise ValueError(f"block {block} is out of range for an encoder of depth {depth}")
-        tokens = enc.intermediates[block]
-    if isinstance(pool, str):
-        return pool_tokens(tokens, enc.key_valid, pool).float()
-    return {p: pool_tokens(tokens, enc.key_valid, p).float() for p in pool}
+                                   return_intermediates=any(b is not None for b in blocks))
+
+    def pooled(b):
+        tokens = enc.latent if b is None else enc.intermediates[b]
+        if isinstance(pool, str):
+            return pool_tokens(tokens, enc.key_valid, pool).float()
+        return {p: pool_tokens(tokens, enc.key_valid, p).float() for p in pool}
+
+    return {b: pooled(b) for b in blocks} if sweep else pooled(blocks[0])
 
 
 def pixel_features(image: torch.Tensor | None, rows: int) -> torch.Tensor:
@@ -173,17 +184,20 @@ def extract_features(model: M3AE, loader, modality: str = "image", pool: str | t
                      desc: str = "features") -> Features | dict:
     """Run the encoder over every batch of ``loader`` (from :func:`m3ae.evaluation.data.make_loader`).
 
-    A tuple of pools gives ``{pool: Features}`` from a single pass."""
+    A tuple of pools gives ``{pool: Features}`` from a single pass; a list or tuple of blocks
+    (see :func:`encode_batch`) gives ``{block: {pool: Features}}``, also from a single pass."""
     model.eval()
     pools = (pool,) if isinstance(pool, str) else tuple(pool)
-    feats: dict = {p: [] for p in pools}
+    sweep = isinstance(block, (list, tuple))
+    blocks = resolve_blocks(block if sweep else [block], model.config.depth)
+    feats: dict = {(b, p): [] for b in blocks for p in pools}
     labels, keys, pixels = [], [], []
     with tqdm(total=_approx_len(loader.dataset), disable=not progress, desc=desc, unit="img",
               dynamic_ncols=True) as bar:
         for batch in loader:
-            out = encode_batch(model, batch, modality, pools, block)
-            for p in pools:
-                feats[p].append(out[p].cpu())
+            out = encode_batch(model, batch, modality, pools, list(blocks))
+            for b, p in feats:
+                feats[b, p].append(out[b][p].cpu())
             labels.append(batch["label"])
             keys.extend(batch["key"])
             pixels.append(pixel_features(batch.get("image"), len(batch["label"])))
@@ -194,8 +208,12 @@ def extract_features(model: M3AE, loader, modality: str = "image", pool: str | t
         raise ValueError("the data produced no samples")
     lab = torch.cat(labels).numpy().astype(np.int64)
     pix = torch.cat(pixels).numpy()
-    out = {p: Features(torch.cat(feats[p]).numpy(), lab, keys, class_names, pix) for p in pools}
-    return out[pool] if isinstance(pool, str) else out
+    out = {b: {p: Features(torch.cat(feats[b, p]).numpy(), lab, keys, class_names, pix) for p in pools}
+           for b in blocks}
+    if not sweep:
+        out = out[blocks[0]]
+        return out[pool] if isinstance(pool, str) else out
+    return {b: o[pool] if isinstance(pool, str) else o for b, o in out.items()}
 
 
 def weights_hash(directory: str | Path) -> str:
@@ -214,28 +232,37 @@ def default_cache_dir() -> Path:
 
 
 def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, text_tokenizer=None,
-                    modality: str = "image", pool: str | tuple = "cls", block: int | None = None,
+                    modality: str = "image", pool: str | tuple = "cls", block=None,
                     batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = True,
                     device: str | torch.device = "cpu", desc: str = "features") -> Features | dict:
     """Features of ``data`` (a :class:`~m3ae.evaluation.data.LabelledData`), computed once and
     then read from ``cache_dir`` (default ``$M3AE_CACHE/features`` or ``~/.cache/m3ae/features``).
-    A tuple of pools gives ``{pool: Features}``; missing ones are computed in one pass."""
+    A tuple of pools gives ``{pool: Features}``; a list or tuple of blocks (a layer sweep)
+    ``{block: {pool: Features}}``. Each (block, pool) is one cache entry, shared by a sweep and a
+    single-block call; whatever is missing is computed in one pass."""
+    from ..pretrained import read_model_config
     from .data import make_loader
 
     pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    sweep = isinstance(block, (list, tuple))
+    blocks = resolve_blocks(block if sweep else [block], read_model_config(model_dir).depth)
     whash = weights_hash(model_dir)
-    paths = {p: Path(cache_dir or default_cache_dir()) / (hashlib.sha1(json.dumps(
-        [whash, data.fingerprint, modality, p, block]).encode()).hexdigest()[:20] + ".safetensors") for p in pools}
-    found = {p: Features.load(path) for p, path in paths.items() if path.is_file()}
-    for p in found:  # say so: a cache hit explains a run that took no time
-        tqdm.write(f"{desc} ({p}): read from the cache {paths[p]}")
-    todo = tuple(p for p in pools if p not in found)
-    if todo:
+    paths = {(b, p): Path(cache_dir or default_cache_dir()) / (hashlib.sha1(json.dumps(
+        [whash, data.fingerprint, modality, p, b]).encode()).hexdigest()[:20] + ".safetensors")
+        for b in blocks for p in pools}
+    found = {k: Features.load(path) for k, path in paths.items() if path.is_file()}
+    for b, p in found:  # say so: a cache hit explains a run that took no time
+        tqdm.write(f"{desc} ({p}{'' if b is None else f', {layer_name(b)}'}): read from the cache {paths[b, p]}")
+    todo_blocks = [b for b in blocks if any((b, p) not in found for p in pools)]
+    if todo_blocks:
         if model is None:
             model, text_tokenizer = load_model(model_dir, device, need_tokenizer=modality != "image")
         loader = make_loader(data, text_tokenizer if modality != "image" else None, batch_size)
-        fresh = extract_features(model, loader, modality, todo, block, progress, data.class_names, desc)
-        for p, feats in fresh.items():
-            feats.save(paths[p])  # atomic: a crash never leaves a half-written cache entry
-        found.update(fresh)
-    return found[pool] if isinstance(pool, str) else {p: found[p] for p in pools}
+        fresh = extract_features(model, loader, modality, pools, todo_blocks, progress, data.class_names, desc)
+        for b, by_pool in fresh.items():
+            for p, feats in by_pool.items():
+                if (b, p) not in found:
+                    feats.save(paths[b, p])  # atomic: a crash never leaves a half-written cache entry
+                    found[b, p] = feats
+    by_block = {b: found[b, pool] if isinstance(pool, str) else {p: found[b, p] for p in pools} for b in blocks}
+    return by_block if sweep else by_block[blocks[0]]

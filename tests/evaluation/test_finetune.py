@@ -111,3 +111,90 @@ def test_finetune_applies_drop_path_to_the_encoder(tiny_model):
                    drop_path=0.3, progress=False)
     rates = [b.drop_path.p for b in res.classifier.model.encoder.blocks]
     assert rates[0] == 0 and rates[-1] == pytest.approx(0.3)
+
+
+def _image_folder(root, n_per_class: int = 6):
+    """A labelled image folder (two colours, noisy): indexable, so fine-tuning can resume."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c, colour in enumerate(((200, 40, 40), (40, 40, 200))):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(n_per_class):
+            noise = torch.randint(-40, 40, (32, 32, 3), generator=g)
+            pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+    return str(root)
+
+
+def _run(model, folder, run_dir=None, **kw):
+    import copy
+
+    from m3ae.evaluation.data import make_loader
+    from m3ae.evaluation.finetune import finetune
+
+    train = make_loader(load_labelled(folder, 32, train=True, crop_scale=(0.2, 1.0)), batch_size=4, shuffle=True,
+                        seed=3)
+    val = make_loader(load_labelled(folder, 32), batch_size=6)
+    return finetune(copy.deepcopy(model), train, val, 2, steps=7, warmup_steps=2, lr=1e-3, layer_decay=1.0,
+                    mixup=0, cutmix=0, drop_path=0.1, label_smoothing=0, progress=False, run_dir=run_dir, **kw)
+
+
+def test_finetune_by_steps_resumes_exactly_and_saves_each_milestone(tiny_model, tmp_path):
+    from m3ae.evaluation import load_model
+
+    model, _ = tiny_model
+    folder = _image_folder(tmp_path / "data")
+    whole = _run(model, folder, tmp_path / "whole", save_at=(3, 6), ckpt_every=2)
+    # Stopped at step 4 (mid-epoch: 3 batches an epoch), then continued by a fresh call and model.
+    _run(model, folder, tmp_path / "split", save_at=(3, 6), ckpt_every=2, max_steps=4)
+    assert json_steps(tmp_path / "split") == 4
+    resumed = _run(model, folder, tmp_path / "split", save_at=(3, 6), ckpt_every=2)
+    for (name, a), b in zip(whole.classifier.state_dict().items(), resumed.classifier.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [h.get("step") for h in whole.history] == [3, 6, 7] and whole.history == resumed.history
+    for step in (3, 6):  # each milestone's encoder is a model folder of its own
+        saved, _ = load_model(tmp_path / "whole" / f"step_{step}")
+        assert saved.config == model.config
+    final, _ = load_model(tmp_path / "whole" / "step_6")
+    assert not torch.equal(final.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+
+
+def json_steps(run_dir) -> int:
+    return torch.load(run_dir / "state", weights_only=False)["step"]
+
+
+def test_a_resumable_finetune_needs_indexable_data(tiny_model, tmp_path):
+    from m3ae.evaluation.data import make_loader
+    from m3ae.evaluation.finetune import finetune
+
+    model, _ = tiny_model
+    shapes = make_loader(load_labelled("shapes:8:0", 32, train=True), batch_size=4, shuffle=True)
+    with pytest.raises(ValueError, match="indexable"):
+        finetune(model, shapes, shapes, 4, steps=2, run_dir=tmp_path / "r", progress=False)
+
+
+def test_finetune_random_init_trains_the_architecture_from_scratch(tiny_model_dir, tmp_path):
+    import json
+
+    from m3ae.cli import main
+    from m3ae.evaluation import load_model
+    from m3ae.evaluation.finetune import Classifier
+
+    folder = _image_folder(tmp_path / "data")
+    out = tmp_path / "sup"
+    assert main(["finetune", str(tiny_model_dir), "--random-init", "--train", folder, "--val", folder, "--out",
+                 str(out), "--steps", "4", "--save-at", "2", "--mixup", "0", "--cutmix", "0", "--randaug", "0",
+                 "--batch-size", "4", "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["trained"] == "all blocks from random weights"
+    assert [h["step"] for h in res["history"]] == [2, 4]
+    pre, _ = load_model(tiny_model_dir)
+    saved, _ = load_model(out / "step_2")
+    # The encoder trained away from its start; the decoder (never trained) is the seeded random
+    # init (--seed 0), not the pre-trained decoder.
+    torch.manual_seed(0)
+    init = M3AE(pre.config)
+    assert torch.equal(saved.image_head.weight, init.image_head.weight)
+    assert not torch.allclose(saved.image_head.weight, pre.image_head.weight)
+    assert not torch.equal(Classifier.load(out).model.cls_token, init.cls_token)

@@ -8,6 +8,11 @@ from .eval_common import DATA_HELP, add_eval_command, write_results
 EPILOG = """examples:
   m3ae finetune runs/demo/final --train shapes:5000:0 --val shapes:500:1 --out runs/ft --epochs 5
   m3ae finetune runs/demo/final --train shapes:5000:0 --val shapes:500:1 --out runs/ft2 --last-blocks 2
+  # the supervised ceiling: the same encoder from random weights, 2,600 steps, plain crop + flip,
+  # top-1 and the encoder saved at steps 650 and 1300 (resumable: run it again to continue)
+  m3ae finetune runs/tin/final --random-init --train CACHE --val VALCACHE --out runs/sup --steps 2600 \\
+      --save-at 650,1300 --lr 2e-3 --layer-decay 1 --label-smoothing 0 --mixup 0 --cutmix 0 \\
+      --drop-path 0 --randaug 0 --crop-scale 0.2 1
 """
 
 
@@ -37,6 +42,17 @@ def register(sub) -> None:
     p.add_argument("--limit-train", type=int, default=None, help="needed for WebDataset shards (their size)")
     p.add_argument("--limit-val", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random-init", action="store_true",
+                   help="train the model's architecture from random weights (seeded by --seed): the "
+                        "supervised baseline of the same encoder")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train this many steps instead of --epochs, measuring at --save-at steps and at the end")
+    p.add_argument("--warmup-steps", type=int, default=None, help="with --steps (default: --warmup-epochs)")
+    p.add_argument("--save-at", default="", metavar="N,N,...",
+                   help="steps at which top-1 is measured and the encoder saved as OUT/step_N (a model folder)")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help="write a resumable state to OUT/state every N steps (a rerun with the same --out "
+                        "continues from it; image folders and caches only)")
     p.set_defaults(func=run)
 
 
@@ -60,6 +76,15 @@ def run(args) -> int:
 
     randaug = _randaug(args.randaug)
     model, _ = load_model(args.model, resolve_device(args.device))
+    if args.random_init:
+        from ..evaluation.features import random_init_model
+
+        model = random_init_model(model.config, args.seed).to(resolve_device(args.device))
+    try:
+        save_at = [int(x) for x in args.save_at.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--save-at takes step numbers separated by commas, got {args.save_at!r}") from None
+    resumable = bool(save_at or args.ckpt_every)
     size = model.config.image_size
     train = load_labelled(args.train, size, train=True, limit=args.limit_train, crop_scale=tuple(args.crop_scale),
                           randaug=randaug)
@@ -73,14 +98,18 @@ def run(args) -> int:
                    weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                    warmup_epochs=args.warmup_epochs, class_names=names, mixup=args.mixup, cutmix=args.cutmix,
                    switch_prob=args.switch_prob, drop_path=args.drop_path, progress=not args.no_progress,
-                   seed=args.seed)
+                   seed=args.seed, steps=args.steps, warmup_steps=args.warmup_steps,
+                   run_dir=args.out if resumable else None, save_at=save_at, ckpt_every=args.ckpt_every)
     def top5(d):  # hidden with 5 classes or fewer, where it is 100% by construction
         return f"  top-5 {d['top5']:.2%}" if d.get("top5") is not None else ""
 
     for h in res.history:
-        print(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}  top-1 {h['top1']:.2%}{top5(h)}")
+        where = f"epoch {h['epoch']}" if "epoch" in h else f"step {h['step']}"
+        loss = f"train loss {h['train_loss']:.4f}  " if "train_loss" in h else ""
+        print(f"{where}: {loss}top-1 {h['top1']:.2%}{top5(h)}")
     res.classifier.save(args.out)
     what = "all blocks" if args.last_blocks is None else f"last {args.last_blocks} block(s)"
+    what += " from random weights" if args.random_init else ""
     write_results(args.out, "results.json", {**res.as_dict(), "model": str(args.model), "trained": what,
                                              "train": args.train, "val": args.val}, args)
     print(f"fine-tuned {what}: top-1 {res.top1:.2%}{top5(res.as_dict())} (chance {res.chance:.2%}); "

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..data import Collator, EvalTransform, PretrainTransform, ShapesDataset, SkipCounter
 from ..data.cache import ImageCache, is_cache
-from ..data.loader import MapDataset, PretrainLoader
+from ..data.loader import EpochSampler, MapDataset, PretrainLoader
 from ..data.sources import ImageFolderSource
 from ..data.webdataset import class_names_beside, expand_urls, webdataset_source
 
@@ -95,10 +95,11 @@ def _image_folder(root: str, transform, limit: int | None, tag: str) -> Labelled
     every image suffix, any depth, robust decoding; an unreadable image is counted and skipped by
     :func:`make_loader`), with the optional ``xxx.txt`` captions beside the images."""
     src = ImageFolderSource(root, caption_files=True)
-    ds: Dataset = MapDataset(src, transform)
+    base: Dataset = src
     if limit is not None and limit < len(src):
         # A folder is ordered by class: take an even stride, not the first classes only.
-        ds = torch.utils.data.Subset(ds, torch.linspace(0, len(src) - 1, limit).round().long().tolist())
+        base = torch.utils.data.Subset(src, torch.linspace(0, len(src) - 1, limit).round().long().tolist())
+    ds = MapDataset(base, transform)  # outermost, so a shuffling EpochSampler can seed each sample
     return LabelledData(ds, src.classes or None, f"{tag}|imagefolder|{_file_stamp(src.files)}", root)
 
 
@@ -107,9 +108,10 @@ def _cache(path: str, transform, limit: int | None, tag: str) -> LabelledData:
     stored squares are resized when the model's image size differs). ``limit`` keeps the
     first samples (a cache keeps its sources' order; shards are shuffled at build time)."""
     cache = ImageCache(path)
-    ds: Dataset = MapDataset(cache, transform)
+    base: Dataset = cache
     if limit is not None and limit < len(cache):
-        ds = torch.utils.data.Subset(ds, range(limit))
+        base = torch.utils.data.Subset(cache, range(limit))
+    ds = MapDataset(base, transform)  # outermost, so a shuffling EpochSampler can seed each sample
     files = [Path(path) / name for name in ("manifest.json", "images.npy")]
     return LabelledData(ds, cache.class_names, f"{tag}|cache|{_file_stamp(files)}", path)
 
@@ -185,4 +187,9 @@ def make_loader(data: LabelledData, text_tokenizer=None, batch_size: int = 128, 
     kw = dict(batch_size=batch_size, generator=g, num_workers=num_workers, collate_fn=Collator(text_tokenizer))
     if isinstance(data.dataset, IterableDataset):  # shards count their own skips
         return DataLoader(data.dataset, **kw)
+    if shuffle and isinstance(data.dataset, MapDataset):
+        # Pre-training's sampler: the order and each sample's augmentation come from (seed,
+        # epoch, position), so a fine-tuning run can save its position and resume exactly.
+        kw["sampler"] = EpochSampler(len(data.dataset), seed)
+        shuffle = False
     return PretrainLoader(data.dataset, skips=SkipCounter(data.name or "evaluation data"), shuffle=shuffle, **kw)

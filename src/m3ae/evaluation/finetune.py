@@ -154,11 +154,23 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
              layer_decay: float = 0.75, weight_decay: float = 0.05, label_smoothing: float = 0.1,
              warmup_epochs: float = 1.0, pool: str = "cls", class_names=None, grad_clip: float = 0.0,
              mixup: float = 0.8, cutmix: float = 1.0, switch_prob: float = 0.5, drop_path: float = 0.1,
-             progress: bool = True, seed: int = 0) -> FinetuneResult:
+             progress: bool = True, seed: int = 0, steps: int | None = None, warmup_steps: int | None = None,
+             betas: tuple[float, float] = (0.9, 0.999), run_dir: str | Path | None = None, save_at=(),
+             ckpt_every: int = 0, max_steps: int | None = None) -> FinetuneResult:
     """Fine-tune on ``train_loader`` (augmented batches), report top-1/top-5 on ``val_loader``
     after each epoch. ``lr`` defaults to ``base_lr * batch_size / 256`` (MAE's scaling).
     ``mixup`` / ``cutmix``: Beta alphas (0 = off); ``drop_path``: the encoder's stochastic
-    depth at its last block during fine-tuning (the model keeps it, inactive in eval mode)."""
+    depth at its last block during fine-tuning (the model keeps it, inactive in eval mode).
+
+    ``steps`` trains that many optimiser steps instead of ``epochs`` (with ``warmup_steps``),
+    measuring ``val_loader`` at each step of ``save_at`` and at the end rather than after each
+    epoch. With ``run_dir`` the run is resumable: its state (classifier, optimiser, step, data
+    position) is written to ``run_dir/state`` every ``ckpt_every`` steps and at each step of
+    ``save_at``, where the encoder is also saved as a pretrained folder ``run_dir/step_N``
+    (so it can be probed like any model); calling again with the same ``run_dir`` continues
+    from the saved state, exactly when the loader is indexable (its order and augmentation come
+    from the step, see :func:`m3ae.evaluation.data.make_loader`). ``max_steps`` stops early
+    (the LR schedule still follows ``steps``), as :func:`m3ae.training.pretrain` does."""
     from .linear_probe import topk_accuracy
 
     torch.manual_seed(seed)
@@ -170,36 +182,87 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
     clf = Classifier(model, num_classes, pool, class_names).to(device)
     batch_size = batch_size or train_loader.batch_size
     lr = lr if lr is not None else base_lr * batch_size / 256
-    opt = torch.optim.AdamW(freeze_and_group(clf, lr, weight_decay, layer_decay, last_blocks), lr=lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(freeze_and_group(clf, lr, weight_decay, layer_decay, last_blocks), lr=lr, betas=betas)
     try:
         steps_per_epoch = len(train_loader)
     except TypeError:
         raise ValueError("fine-tuning needs a dataset of known size; for WebDataset shards pass a limit "
                          "(the number of training samples)") from None
-    total, warm = max(1, epochs * steps_per_epoch), warmup_epochs * steps_per_epoch
+    if steps is None:
+        total, warm = max(1, epochs * steps_per_epoch), warmup_epochs * steps_per_epoch
+    else:
+        total, warm = steps, warmup_steps if warmup_steps is not None else warmup_epochs * steps_per_epoch
+    save_at = sorted({int(s) for s in save_at if 0 < int(s) <= total})
+    state = _FinetuneState(run_dir, train_loader) if run_dir is not None else None
+    # ``loss_sum``: the training loss summed (times samples) since the last measurement.
+    history, step, loss_sum = state.load(clf, opt) if state else ([], 0, [0.0, 0])
+    end = total if max_steps is None else min(total, max_steps)
+
+    def measure(**where) -> None:
+        logits, labels = clf.predict_logits_loader(val_loader)
+        clf.train()
+        history.append({**where, "train_loss": loss_sum[0] / max(loss_sum[1], 1), **topk_accuracy(logits, labels)})
+        loss_sum[:] = [0.0, 0]
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    history, step = [], 0
-    for epoch in range(epochs):
-        clf.train()
-        running, seen = 0.0, 0
-        for batch in tqdm(train_loader, disable=not progress, desc=f"finetune {epoch + 1}/{epochs}", dynamic_ncols=True):
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_scale"] * warmup_cosine(step, total, warm)
-            image, target = model_inputs(batch, device)["image"], batch["label"].to(device)
-            if mixer is not None:
-                image, target = mixer(image, target)  # target: (B, C) class probabilities
-            loss = loss_fn(clf(image), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-            opt.step()
-            step += 1
-            running += loss.item() * len(image)
-            seen += len(image)
-        logits, labels = clf.predict_logits_loader(val_loader)
-        acc = topk_accuracy(logits, labels)
-        history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), **acc})
+    with tqdm(total=end, initial=step, disable=not progress, desc="finetune", dynamic_ncols=True) as bar:
+        while step < end:
+            clf.train()
+            for batch in train_loader:
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"] * warmup_cosine(step, total, warm)
+                image, target = model_inputs(batch, device)["image"], batch["label"].to(device)
+                if mixer is not None:
+                    image, target = mixer(image, target)  # target: (B, C) class probabilities
+                loss = loss_fn(clf(image), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+                opt.step()
+                step += 1
+                bar.update(1)
+                loss_sum[0] += loss.item() * len(image)
+                loss_sum[1] += len(image)
+                if steps is not None and (step in save_at or step == total):
+                    measure(step=step)
+                    if state:
+                        clf.model.save_pretrained(state.dir / f"step_{step}")
+                if state and (step in save_at or step == end or (ckpt_every and step % ckpt_every == 0)):
+                    state.save(clf, opt, step, history, loss_sum)
+                if step >= end:
+                    break
+            if steps is None and step % steps_per_epoch == 0:  # epoch mode: measured after every epoch
+                measure(epoch=step // steps_per_epoch)
     last = history[-1] if history else {"top1": float("nan")}
     return FinetuneResult(last["top1"], last.get("top5"), history, clf.eval(), 1.0 / num_classes)
+
+
+class _FinetuneState:
+    """A fine-tuning run's resumable state in ``run_dir/state``: the classifier and optimiser
+    (torch.save), the step, the history, the loader's position and torch's CPU RNG. Written atomically, so an
+    interrupted run continues from its last save."""
+
+    def __init__(self, run_dir: str | Path, loader):
+        if not hasattr(loader, "state_dict") or not hasattr(getattr(loader, "sampler", None), "epoch"):
+            raise ValueError("a resumable fine-tuning run (run_dir) needs an indexable dataset with the "
+                             "seeded sampler of make_loader(shuffle=True): an image folder or a cache folder")
+        self.dir, self.loader = Path(run_dir), loader
+        self.path = self.dir / "state"
+
+    def load(self, clf: Classifier, opt) -> tuple[list, int, list]:
+        if not self.path.is_file():
+            return [], 0, [0.0, 0]
+        st = torch.load(self.path, map_location=next(clf.parameters()).device, weights_only=False)
+        clf.load_state_dict(st["classifier"])
+        opt.load_state_dict(st["optimizer"])
+        self.loader.load_state_dict(st["data"])
+        torch.set_rng_state(st["rng"])  # drop path and Mixup/CutMix draw from it
+        return st["history"], st["step"], st["loss_sum"]
+
+    def save(self, clf: Classifier, opt, step: int, history: list, loss_sum: list) -> None:
+        st = {"classifier": clf.state_dict(), "optimizer": opt.state_dict(), "step": step, "history": history,
+              "loss_sum": list(loss_sum),
+              "data": self.loader.state_dict(), "rng": torch.get_rng_state()}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, lambda tmp: torch.save(st, tmp))

@@ -96,7 +96,7 @@ def measure(mode: Mode, data: Path, out: Path, tokenizer: Path, device: str) -> 
         (probes, feats), cost["probe_checkpoint_s"] = _timed(lambda: probe_checkpoint(model, sets, mode, 0))
         pool = mode.pool
         _, cost["ood_s"] = _timed(lambda: ood_eval(model, sets, feats, probes[pool].probe, mode, 0))
-        _, cost["caption_diag_s"] = _timed(lambda: caption_diagnostic(Path(tmp) / "m3ae", data, device,
+        _, cost["caption_diag_s"] = _timed(lambda: caption_diagnostic(Path(tmp) / "m3ae" / "final", data, device,
                                                                       mode.caption_check))
     return {"samples_per_s": rates, **cost, "timed_steps": n}
 

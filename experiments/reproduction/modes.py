@@ -83,6 +83,13 @@ MODES: dict[str, Mode] = {
                 probe_epochs=50, fewshot=10, seeds=(0, 1, 2), ablations=True, paired_fractions=(0.1,),
                 text_mask_ratios=(0.15,), pool="cls", pictures=True, attention_rows=4, cache=True,
                 precision="bf16"),
+    # Claim 1 across compute (experiments/compute_curve.py): the standard mode's data, model and
+    # evaluation, MAE and M3AE each trained once per seed on one cosine schedule to 10,400 steps
+    # (16x the standard mode's 650) and read out on the way; warm-up 1/15 of the steps as there.
+    "compute": Mode(preset="tiny", model=ModelSize(64, 8), text_len=64, vocab=4096, classes=100,
+                    caption_limit=None, train_shards=None, steps=10400, warmup=693, batch_size=128, lr=2e-3,
+                    probe_train=10000, val=5000, cifar_test=2000, cifar_train=2000, probe_epochs=50, fewshot=10,
+                    seeds=(0, 1, 2), ablations=False, pool="cls", pictures=False, attention_rows=4, cache=True),
     # 64 px with 8 px patches (the same 8x8 token grid), all 40k pairs, ~20 epochs, full eval sets.
     "full": Mode(preset="tiny", model=ModelSize(64, 8), text_len=32, vocab=8192, caption_limit=None,
                  train_shards=8, steps=6000, batch_size=128, lr=1.5e-3, warmup=300, probe_train=40000, val=10000,

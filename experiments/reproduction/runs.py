@@ -191,24 +191,30 @@ def eval_images(data: Path, out: Path, mode: Mode, size: int) -> dict:
     return loaded
 
 
-def encode(model, blob: dict, batch_size: int = 500) -> dict:
+def encode(model, blob: dict, batch_size: int = 500, blocks: str | None = None) -> dict:
     """Image-only encoder features of a cached set, every pool from one forward (the library's
-    :func:`m3ae.evaluation.features.encode_batch` on the cached tensors, not a fresh decode)."""
+    :func:`m3ae.evaluation.features.encode_batch` on the cached tensors, not a fresh decode):
+    ``{pool: Features}``, or with ``blocks`` (e.g. ``"all"``) ``{block: {pool: Features}}``."""
     import torch
 
     from m3ae.evaluation import Features
     from m3ae.evaluation.features import encode_batch
+    from m3ae.ops import resolve_blocks
 
     model.eval()
-    feats = {p: [] for p in POOLS}
+    layers = resolve_blocks(blocks or [None], model.config.depth)
+    feats = {(b, p): [] for b in layers for p in POOLS}
     with torch.no_grad():
         for i in range(0, len(blob["images"]), batch_size):
-            out = encode_batch(model, {"image": blob["images"][i:i + batch_size].float()}, "image", POOLS)
-            for p in POOLS:
-                feats[p].append(out[p].cpu())
+            out = encode_batch(model, {"image": blob["images"][i:i + batch_size].float()}, "image", POOLS,
+                               list(layers))
+            for b, p in feats:
+                feats[b, p].append(out[b][p].cpu())
     labels = blob["labels"].numpy()
     keys = [str(i) for i in range(len(labels))]
-    return {p: Features(torch.cat(f).numpy(), labels, keys, blob["classes"]) for p, f in feats.items()}
+    out = {b: {p: Features(torch.cat(feats[b, p]).numpy(), labels, keys, blob["classes"]) for p in POOLS}
+           for b in layers}
+    return out if blocks else out[None]
 
 
 def few_shot(f, k: int, seed: int):
@@ -310,7 +316,7 @@ def save_pictures(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, device: 
     return made
 
 
-def caption_diagnostic(run_dir: Path, data: Path, device: str, n: int = 2000) -> dict:
+def caption_diagnostic(model_dir: Path, data: Path, device: str, n: int = 2000) -> dict:
     """Masked caption words predicted with the image and with it removed (same captions, same
     text masks), on captioned training images: how much of what the text head knows comes
     through the image tokens, i.e. whether cross-modal learning happened at all."""
@@ -319,7 +325,7 @@ def caption_diagnostic(run_dir: Path, data: Path, device: str, n: int = 2000) ->
     from m3ae import M3AELoss
     from m3ae.evaluation import load_labelled, load_model, make_loader
 
-    model, text_tokenizer = load_model(run_dir / "final", device)
+    model, text_tokenizer = load_model(model_dir, device)
     model.eval()
     loss = M3AELoss(text_norm="text")
     sums = {"with_image": [0.0, 0.0], "without_image": [0.0, 0.0]}
@@ -355,7 +361,7 @@ def run_or_read(spec: RunSpec, mode: Mode, data: Path, out: Path, tokenizer: Pat
         result = json.loads(result_path.read_text())
         if spec.kind == "m3ae" and "caption_diag" not in result and claim_run_dir(run_dir):
             try:  # a result written before the diagnostic existed is completed, not redone
-                result["caption_diag"] = caption_diagnostic(run_dir, data, device)
+                result["caption_diag"] = caption_diagnostic(run_dir / "final", data, device)
                 write_json_atomic(result_path, result)  # a result file is complete or absent
             finally:
                 (run_dir / "running.pid").unlink(missing_ok=True)
@@ -384,7 +390,7 @@ def pretrain_and_evaluate(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, 
     ev = evaluate_run(spec, mode, data, run_dir, device, progress, out=run_dir.parent)
     t_eval = time.perf_counter() - t0
     if spec.kind == "m3ae":
-        ev["caption_diag"] = caption_diagnostic(run_dir, data, device, mode.caption_check)
+        ev["caption_diag"] = caption_diagnostic(run_dir / "final", data, device, mode.caption_check)
     pictures = save_pictures(spec, mode, data, run_dir, device) if mode.pictures and spec.ood and \
         spec.seed == mode.seeds[0] else []
     result = {

@@ -49,13 +49,13 @@ from pathlib import Path
 import numpy as np
 
 from m3ae.io import write_json_atomic
-from m3ae.reports import reproduction as report_lib  # not to be confused with the reproduction/ package here
-from m3ae.reports.reproduction import READOUTS, Experiment  # noqa: F401 (READOUTS: the tests read it here)
 from m3ae.reports.stats import compare, compare_noise, compare_strict  # noqa: F401 (the tests read them here)
+from reproduction import report as report_lib
 from reproduction.modes import MODES, PAPER, Mode, RunSpec, run_specs, smoke_of  # noqa: F401 (MODES...: the tests)
 from reproduction.runs import (build_caches, build_run_config, caption_diagnostic, claim_pid_file,  # noqa: F401
                                claim_run_dir, class_subset, eval_images, ood_eval, probe_checkpoint,
                                run_or_read, train_tokenizer)
+from reproduction.report import READOUTS, Experiment  # noqa: F401 (READOUTS: the tests read it here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,8 +185,8 @@ def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode,
 
 
 # ------------------------------------------------------------------------------ report
-# The report itself is the library's (m3ae.reports.reproduction); what it needs of this
-# experiment's definition goes in as data.
+# The report itself: reproduction/report.py; what it needs of this experiment's definition
+# goes in as data.
 EXPERIMENT = Experiment(paper=PAPER, modes=tuple(MODES), full=MODES["full"].settings(),
                         full_runs=len(run_specs(MODES["full"])))
 

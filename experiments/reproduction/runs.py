@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from m3ae.io import atomic_write, write_json_atomic
-from m3ae.reports.reproduction import POOLS
+from m3ae.ops import POOLS
 
 from .modes import Mode, RunSpec
 

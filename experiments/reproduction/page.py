@@ -1,6 +1,6 @@
 """The reproduction report's Markdown page (docs/results.md for the standard mode,
 docs/results/<mode>.md for the others): every number from the summary of
-:func:`m3ae.reports.reproduction.summarize`, none typed by hand."""
+:func:`.report.summarize`, none typed by hand."""
 from __future__ import annotations
 
 import json
@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PRESETS
-from ..io import atomic_write
-from .experiment import POOLS, Experiment
-from .stats import mean, ordinal, seeds_cell
+from m3ae.config import PRESETS
+from m3ae.io import atomic_write
+from m3ae.ops import POOLS
+from m3ae.reports.stats import mean, ordinal, seeds_cell
+
+from .experiment import Experiment
 
 
 def _data_text(m: dict) -> str:

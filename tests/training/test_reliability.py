@@ -130,7 +130,7 @@ def test_optimizer_hyperparameters_come_from_the_config_on_resume():
 def test_from_data_tokenizer_is_reused_on_resume(h, tiny, tmp_path, monkeypatch):
     """Case 6: a resumed data.tokenizer=from-data run uses the checkpoint's tokenizer.json
     (training it again numbers the tokens differently)."""
-    import m3ae.data as data
+    import m3ae.data.builders as data
 
     trained = []
     real = data.train_wordpiece

@@ -135,7 +135,7 @@ def _old_ranks_read(order, world, p):
 def test_a_map_position_converts_so_every_sample_is_read_once(old, new, p):
     """Old ranks read ``p`` samples each of a 64-sample epoch; the new ranks finish it."""
     from m3ae.data import EpochSampler
-    from m3ae.training.trainer import convert_map_position
+    from m3ae.data.loader import convert_map_position
 
     order = [i for i, _ in EpochSampler(64, seed=3, even=True)]
     read = _old_ranks_read(order, old, p)
@@ -153,8 +153,7 @@ def test_a_map_position_converts_so_every_sample_is_read_once(old, new, p):
 
 def test_counts_of_all_old_ranks_continue_on_another_world_size(tmp_path):
     from m3ae.data import SkipCounter
-    from m3ae.training.distributed import DistInfo
-    from m3ae.training.trainer import _data_position
+    from m3ae.data.loader import data_position
 
     def skips(seen, bad, fixed):
         c = SkipCounter()
@@ -165,7 +164,7 @@ def test_counts_of_all_old_ranks_continue_on_another_world_size(tmp_path):
     st = {"world_size": 2, "data_per_rank": [
         {"kind": "map", "epoch": 1, "position": 6, "world_size": 2, "rank": 0, "skips": skips(40, 3, 1)},
         {"kind": "map", "epoch": 1, "position": 6, "world_size": 2, "rank": 1, "skips": skips(40, 5, 2)}]}
-    new = [_data_position(st, DistInfo(rank=r, world_size=3), tmp_path)[0] for r in range(3)]
+    new = [data_position(st, r, 3, tmp_path)[0] for r in range(3)]
     total = SkipCounter.merged([d["skips"] for d in new])
     assert (total.seen, dict(total.skipped), dict(total.fixed), dict(total.shards)) == (
         80, {"bad_image": 8}, {"empty_caption": 3}, {"cut_shard": 2})
@@ -173,7 +172,7 @@ def test_counts_of_all_old_ranks_continue_on_another_world_size(tmp_path):
     # A stream's per-worker positions cannot map onto other reader slots: said, and afresh.
     stream = {"world_size": 2, "data_per_rank": [
         dict(d, kind="stream", num_workers=2, worker_pos={"0": 7, "1": 9}) for d in st["data_per_rank"]]}
-    pos, note = _data_position(stream, DistInfo(rank=0, world_size=1), tmp_path / "step_00000005")
+    pos, note = data_position(stream, 0, 1, tmp_path / "step_00000005")
     assert pos["worker_pos"] == {} and pos["epoch"] == 1 and pos["skips"]["seen"] == 80
     assert note.startswith("note:") and "step_00000005 was written by 2 processes" in note
     assert "epoch 1 starts afresh" in note and "\n" not in note

@@ -64,7 +64,7 @@ def test_no_private_imports_across_modules():
 
 
 def test_evaluation_does_not_reach_into_training():
-    # Evaluation shares the optimiser pieces (m3ae.optim) and device names (m3ae.device) with
+    # Evaluation shares the optimiser module (m3ae.optim) and device names (m3ae.device) with
     # training; it imports neither the trainer nor anything under m3ae.training.
     reach = sorted({f"{mod} imports {module}" for mod, found in _imports().items() for module, _ in found
                     if mod.startswith("m3ae.evaluation") and

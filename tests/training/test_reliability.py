@@ -108,7 +108,7 @@ def test_optimizer_hyperparameters_come_from_the_config_on_resume():
     from torch import nn
 
     from m3ae.config import TrainConfig
-    from m3ae.training.optim import build_optimizer, build_scheduler, config_hyperparameters
+    from m3ae.optim import build_optimizer, build_scheduler, config_hyperparameters
 
     model = nn.Linear(3, 2)
     old = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05, warmup_steps=1, steps=10))

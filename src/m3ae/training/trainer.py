@@ -26,6 +26,7 @@ from ..data import build_dataset, build_pretrain_loader, build_text_tokenizer
 from ..data.decode import DataError
 from ..data.loader import resume_position
 from ..model import M3AE
+from ..optim import lr_at
 from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
 from .checkpoint import (CheckpointWriteError, clear_run, config_changes, last_good_after_resume,
@@ -35,7 +36,6 @@ from .distributed import (DistInfo, barrier, broadcast_object, control_group, fi
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
 from .nonfinite import overflow_message, streak_message
-from .optim import lr_at
 from .step import TrainStep
 
 

@@ -97,7 +97,7 @@ class RunLock:
                 return self
             if same_host and isinstance(pid, int) and (pid < 0 or not _alive(pid)):
                 # Only one of several racing takers can move the stale file aside.
-                aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+                aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
                 try:
                     os.rename(self.path, aside)
                 except FileNotFoundError:

@@ -193,7 +193,8 @@ def advance(run: Run, milestone: int, ctx: dict) -> bool:
     """Train ``run`` to ``milestone`` and write the readouts it lacks up to there; False when
     another process holds the run."""
     run_dir = ctx["out"] / run.name
-    if not claim_run_dir(run_dir):
+    lock = claim_run_dir(run_dir)
+    if lock is None:
         return False
     try:
         todo = [m for m in ctx["study"].milestones if m <= min(milestone, run.stop)
@@ -217,7 +218,7 @@ def advance(run: Run, milestone: int, ctx: dict) -> bool:
                   f"{t_train:.0f} s training this call)", flush=True)
         return True
     finally:
-        (run_dir / "running.pid").unlink(missing_ok=True)
+        lock.release()
 
 
 def prepare(mode: Mode, data: Path, out: Path, progress: bool) -> tuple[Path, Path]:

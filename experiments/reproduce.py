@@ -49,13 +49,14 @@ from pathlib import Path
 import numpy as np
 
 from m3ae.io import write_json_atomic
-from m3ae.reports import reproduction as report_lib  # not to be confused with the reproduction/ package here
-from m3ae.reports.reproduction import READOUTS, Experiment  # noqa: F401 (READOUTS: the tests read it here)
+from m3ae.training.runlock import RunLock
 from m3ae.reports.stats import compare, compare_noise, compare_strict  # noqa: F401 (the tests read them here)
+from reproduction import report as report_lib
 from reproduction.modes import MODES, PAPER, Mode, RunSpec, run_specs, smoke_of  # noqa: F401 (MODES...: the tests)
-from reproduction.runs import (build_caches, build_run_config, caption_diagnostic, claim_pid_file,  # noqa: F401
-                               claim_run_dir, class_subset, eval_images, ood_eval, probe_checkpoint,
+from reproduction.runs import (build_caches, build_run_config, caption_diagnostic, claim_run_dir,  # noqa: F401
+                               class_subset, eval_images, ood_eval, probe_checkpoint,
                                run_or_read, train_tokenizer)
+from reproduction.report import READOUTS, Experiment  # noqa: F401 (READOUTS: the tests read it here)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,19 +152,21 @@ def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode,
     """Caches, tokenizer and (planned modes) the plan, made by the first process while later
     ones wait for its ``plan.json``. -> (the mode with its steps, tokenizer, run specs)."""
     t_start = time.perf_counter()
-    lock = out / "prepare.lock"
+    lock = RunLock(out, name="prepare.lock")
     done = out / "plan.json"
     specs = run_specs(mode)
-    mine = not done.is_file() and claim_pid_file(lock)
+    mine = not done.is_file() and lock.try_acquire()
     if not done.is_file() and not mine:
         print(f"waiting for the process preparing {out} (caches, tokenizer, plan)", flush=True)
         while not done.is_file():
-            if not claim_pid_file(lock):
+            if not lock.try_acquire():
                 time.sleep(2)
                 continue
             mine = True
             break
-    if mine and not done.is_file():
+    if mine and done.is_file():
+        lock.release()  # the process that held it first finished meanwhile
+    elif mine:
         try:
             if mode.cache:
                 build_caches(data, out, mode, progress=not args.no_progress)
@@ -176,7 +179,7 @@ def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode,
                 p = {"steps": mode.steps, "warmup": mode.warmup, "runs": [r.name for r in specs]}
             write_json_atomic(done, p)
         finally:
-            lock.unlink(missing_ok=True)
+            lock.release()
     p = json.loads(done.read_text())
     if "measured" in p:
         print(plan_text(p, mode), flush=True)
@@ -185,8 +188,8 @@ def prepare(mode: Mode, data: Path, out: Path, device: str, args) -> tuple[Mode,
 
 
 # ------------------------------------------------------------------------------ report
-# The report itself is the library's (m3ae.reports.reproduction); what it needs of this
-# experiment's definition goes in as data.
+# The report itself: reproduction/report.py; what it needs of this experiment's definition
+# goes in as data.
 EXPERIMENT = Experiment(paper=PAPER, modes=tuple(MODES), full=MODES["full"].settings(),
                         full_runs=len(run_specs(MODES["full"])))
 

@@ -56,6 +56,16 @@ def test_no_import_cycles():
     assert "m3ae.pretrained" in graph["m3ae.model"]  # the direction: model -> pretrained
 
 
+def test_no_module_imports_its_own_package():
+    # A package's __init__ only hands on its modules' names; a module that takes a name back
+    # from it (as data/webdataset.py once took dist_info from m3ae.data) imports upwards.
+    imports = _imports()
+    upward = [f"{mod} imports {module}.{name}" for mod, found in imports.items() for module, name in found
+              if mod.startswith(module + ".") and module.count(".") == mod.count(".") - 1
+              and f"{module}.{name}" not in imports]
+    assert not upward, upward
+
+
 def test_no_private_imports_across_modules():
     private = [f"{mod} imports {module}.{name}" for mod, found in _imports().items() for module, name in found
                if module.startswith("m3ae") and name.startswith("_") and not name.startswith("__")
@@ -64,7 +74,7 @@ def test_no_private_imports_across_modules():
 
 
 def test_evaluation_does_not_reach_into_training():
-    # Evaluation shares the optimiser pieces (m3ae.optim) and device names (m3ae.device) with
+    # Evaluation shares the optimiser module (m3ae.optim) and device names (m3ae.device) with
     # training; it imports neither the trainer nor anything under m3ae.training.
     reach = sorted({f"{mod} imports {module}" for mod, found in _imports().items() for module, _ in found
                     if mod.startswith("m3ae.evaluation") and

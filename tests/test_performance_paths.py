@@ -16,7 +16,7 @@ from m3ae.config import model_config
 from m3ae.losses import M3AELoss
 from m3ae.model import M3AE
 from m3ae.ops import linear_cross_entropy, trim_text_padding
-from m3ae.training.optim import param_groups
+from m3ae.optim import param_groups
 
 
 @pytest.fixture

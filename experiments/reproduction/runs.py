@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from m3ae.io import atomic_write, write_json_atomic
-from m3ae.reports.reproduction import POOLS
+from m3ae.ops import POOLS
+from m3ae.training.runlock import RunLock
 
 from .modes import Mode, RunSpec
 
@@ -345,11 +346,12 @@ def caption_diagnostic(model_dir: Path, data: Path, device: str, n: int = 2000) 
     return {k: {"accuracy": a / count, "loss": l_ / count} for k, (a, l_) in sums.items()} | {"n": count}
 
 
-def claim_run_dir(run_dir: Path) -> bool:
-    """Mark ``run_dir`` as being worked on by this process; False when another live process
-    on this machine has it. So the same command started twice shares out the runs."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return claim_pid_file(run_dir / "running.pid")
+def claim_run_dir(run_dir: Path) -> RunLock | None:
+    """This process's hold on ``run_dir`` (its ``running.pid``; release it when done), or None
+    when another live process has it (a dead one's is taken over). So the same command started
+    twice shares out the runs."""
+    lock = RunLock(run_dir, name="running.pid")
+    return lock if lock.try_acquire() else None
 
 
 def run_or_read(spec: RunSpec, mode: Mode, data: Path, out: Path, tokenizer: Path, device: str,
@@ -359,19 +361,21 @@ def run_or_read(spec: RunSpec, mode: Mode, data: Path, out: Path, tokenizer: Pat
     result_path = run_dir / "result.json"
     if result_path.is_file():
         result = json.loads(result_path.read_text())
-        if spec.kind == "m3ae" and "caption_diag" not in result and claim_run_dir(run_dir):
+        lock = claim_run_dir(run_dir) if spec.kind == "m3ae" and "caption_diag" not in result else None
+        if lock is not None:
             try:  # a result written before the diagnostic existed is completed, not redone
                 result["caption_diag"] = caption_diagnostic(run_dir / "final", data, device)
                 write_json_atomic(result_path, result)  # a result file is complete or absent
             finally:
-                (run_dir / "running.pid").unlink(missing_ok=True)
+                lock.release()
         return result
-    if not claim_run_dir(run_dir):
+    lock = claim_run_dir(run_dir)
+    if lock is None:
         return None
     try:
         return pretrain_and_evaluate(spec, mode, data, run_dir, tokenizer, device, progress)
     finally:
-        (run_dir / "running.pid").unlink(missing_ok=True)
+        lock.release()
 
 
 def pretrain_and_evaluate(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, tokenizer: Path, device: str,
@@ -403,23 +407,3 @@ def pretrain_and_evaluate(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, 
     }
     write_json_atomic(result_path, result)  # a result file is complete or absent
     return result
-
-
-def claim_pid_file(lock: Path) -> bool:
-    """Create ``lock`` holding our pid; False when another live process holds it (a dead one's
-    is taken over)."""
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        try:
-            pid = int(lock.read_text().strip() or 0)
-            os.kill(pid, 0)  # raises when no such process: the lock is stale
-            return pid == os.getpid()
-        except (ValueError, ProcessLookupError):
-            lock.unlink(missing_ok=True)
-            return claim_pid_file(lock)
-        except PermissionError:
-            return False
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True

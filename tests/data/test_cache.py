@@ -283,9 +283,9 @@ def test_the_configured_loader_of_a_cache_is_the_batched_one(cache_dir):
 
 @pytest.mark.parametrize("old, new", [(2, 1), (1, 2), (2, 3)])
 def test_resumed_on_another_process_count_every_sample_is_read_once(cache_dir, old, new):
-    """The trainer's conversion of a map position (m3ae.training.trainer.convert_map_position)
+    """The trainer's conversion of a map position (m3ae.data.loader.convert_map_position)
     holds for the cache's loader: the epoch's samples read before and after, once each."""
-    from m3ae.training.trainer import convert_map_position
+    from m3ae.data.loader import convert_map_position
 
     before = [_loader(cache_dir, rank=r, world_size=old, batch_size=2) for r in range(old)]
     read = []

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-import m3ae.data as data_mod
+import m3ae.data.builders as data_mod
 from helpers import image_bytes, pair_shards
 from m3ae.config import DataConfig
 from m3ae.data import DataError, build_dataset, build_pretrain_loader

@@ -187,3 +187,55 @@ def test_stream_resume_with_workers_continues_with_the_reader_whose_turn_it_was(
     again = build_pretrain_loader(cfg, 16, enc, 4, seed=1)
     again.load_state_dict(state)
     assert keys + [b["key"] for b in again] == ref
+
+
+# Resume on another number of processes (end to end: tests/training/test_shared_cluster.py).
+def _old_ranks_read(order, world, p):
+    return [i for r in range(world) for i in order[r::world][:len(order) // world][:p]]
+
+
+@pytest.mark.parametrize("old,new,p", [(2, 1, 5), (1, 2, 10), (2, 3, 5), (2, 3, 6), (3, 2, 7), (1, 3, 1)])
+def test_a_map_position_converts_so_every_sample_is_read_once(old, new, p):
+    """Old ranks read ``p`` samples each of a 64-sample epoch; the new ranks finish it."""
+    from m3ae.data import EpochSampler
+    from m3ae.data.loader import convert_map_position
+
+    order = [i for i, _ in EpochSampler(64, seed=3, even=True)]
+    read = _old_ranks_read(order, old, p)
+    pos = convert_map_position([{"kind": "map", "epoch": 0, "position": p}] * old, new)
+    for r in range(new):
+        s = EpochSampler(64, seed=3, rank=r, world_size=new, even=True)
+        s.set_position(pos["epoch"], pos["position"], pos["offset"])
+        read += [i for i, _ in s]
+    assert len(read) == len(set(read))  # none twice
+    # none dropped, except the < new leftover an even split always leaves at an epoch's end
+    assert sorted(read) == sorted(order[:len(read)]) and 64 - len(read) < new
+    if (old * p) % new == 0:  # the same order a run of `new` ranks would have read
+        assert pos == {"epoch": 0, "position": old * p // new, "offset": 0}
+
+
+def test_counts_of_all_old_ranks_continue_on_another_world_size(tmp_path):
+    from m3ae.data import SkipCounter
+    from m3ae.data.loader import data_position
+
+    def skips(seen, bad, fixed):
+        c = SkipCounter()
+        c.add([("skip", "bad_image", f"k{seen}")] * bad + [("fix", "empty_caption", "e")] * fixed +
+              [("shard", "cut_shard", "s")], seen=seen)
+        return c.state_dict()
+
+    st = {"world_size": 2, "data_per_rank": [
+        {"kind": "map", "epoch": 1, "position": 6, "world_size": 2, "rank": 0, "skips": skips(40, 3, 1)},
+        {"kind": "map", "epoch": 1, "position": 6, "world_size": 2, "rank": 1, "skips": skips(40, 5, 2)}]}
+    new = [data_position(st, r, 3, tmp_path)[0] for r in range(3)]
+    total = SkipCounter.merged([d["skips"] for d in new])
+    assert (total.seen, dict(total.skipped), dict(total.fixed), dict(total.shards)) == (
+        80, {"bad_image": 8}, {"empty_caption": 3}, {"cut_shard": 2})
+    assert [d["position"] for d in new] == [4] * 3 and {d["world_size"] for d in new} == {3}
+    # A stream's per-worker positions cannot map onto other reader slots: said, and afresh.
+    stream = {"world_size": 2, "data_per_rank": [
+        dict(d, kind="stream", num_workers=2, worker_pos={"0": 7, "1": 9}) for d in st["data_per_rank"]]}
+    pos, note = data_position(stream, 0, 1, tmp_path / "step_00000005")
+    assert pos["worker_pos"] == {} and pos["epoch"] == 1 and pos["skips"]["seen"] == 80
+    assert note.startswith("note:") and "step_00000005 was written by 2 processes" in note
+    assert "epoch 1 starts afresh" in note and "\n" not in note

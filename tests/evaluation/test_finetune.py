@@ -10,7 +10,7 @@ from m3ae.config import model_config
 from m3ae.evaluation.data import RandAugmented, load_labelled
 from m3ae.evaluation.finetune import Classifier, batch_mixer, freeze_and_group
 from m3ae.model import M3AE
-from m3ae.training import optim
+from m3ae import optim
 
 
 @pytest.mark.parametrize("last_blocks", [None, 1])

@@ -55,7 +55,7 @@ def test_a_run_is_taken_by_one_process(reproduce, tmp_path):
     gone = subprocess.Popen(["true"])
     gone.wait()
     (run / "running.pid").write_text(str(gone.pid))  # a stale lock is taken over
-    assert reproduce.claim_run_dir(run) and (run / "running.pid").read_text() == str(os.getpid())
+    assert reproduce.claim_run_dir(run) and json.loads((run / "running.pid").read_text())["pid"] == os.getpid()
 
 
 @pytest.mark.slow

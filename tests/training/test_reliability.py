@@ -108,7 +108,7 @@ def test_optimizer_hyperparameters_come_from_the_config_on_resume():
     from torch import nn
 
     from m3ae.config import TrainConfig
-    from m3ae.training.optim import build_optimizer, build_scheduler, config_hyperparameters
+    from m3ae.optim import build_optimizer, build_scheduler, config_hyperparameters
 
     model = nn.Linear(3, 2)
     old = build_optimizer(model, TrainConfig(lr=1e-3, weight_decay=0.05, warmup_steps=1, steps=10))
@@ -130,7 +130,7 @@ def test_optimizer_hyperparameters_come_from_the_config_on_resume():
 def test_from_data_tokenizer_is_reused_on_resume(h, tiny, tmp_path, monkeypatch):
     """Case 6: a resumed data.tokenizer=from-data run uses the checkpoint's tokenizer.json
     (training it again numbers the tokens differently)."""
-    import m3ae.data as data
+    import m3ae.data.builders as data
 
     trained = []
     real = data.train_wordpiece

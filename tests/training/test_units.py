@@ -166,7 +166,7 @@ def test_decay_norm_scales_reproduces_the_official_weight_decay_mask(official_fi
     import json
 
     from m3ae.interop.official import flax_name
-    from m3ae.training.optim import param_groups
+    from m3ae.optim import param_groups
 
     ref = json.loads((official_fixtures / "reference.json").read_text())["m3ae_weight_decay_mask"]
     official = {flax_name(k.removeprefix("params/")): v for k, v in ref.items()}
@@ -190,7 +190,7 @@ def test_warmup_cosine_is_the_closed_form():
     """The one schedule of pre-training, the linear probe and fine-tuning, at its landmarks."""
     import math
 
-    from m3ae.training.optim import warmup_cosine
+    from m3ae.optim import warmup_cosine
 
     peak, end, total, warm = 2.0, 0.1, 110, 10
     lr = [warmup_cosine(s, total, warm, peak, end) for s in range(total + 5)]

@@ -48,6 +48,22 @@ def add_feature_args(p: argparse.ArgumentParser, both: bool = False) -> None:
                    help="feature cache (default $M3AE_CACHE/features or ~/.cache/m3ae/features)")
 
 
+def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None, layers=None):
+    """Cached features of the labelled data ``spec`` for the command's model (or ``model_dir``),
+    with its --pool (or ``pool``), --block (or the sweep ``layers``), --cache-dir and device."""
+    from ..device import resolve_device
+    from ..evaluation.data import load_labelled
+    from ..evaluation.features import cached_features
+    from ..pretrained import read_model_config
+
+    model_dir = model_dir or args.model
+    size = read_model_config(model_dir).image_size
+    return cached_features(model_dir, load_labelled(spec, size, limit=limit), pool=pool or args.pool,
+                           block=args.block if layers is None else list(layers), batch_size=args.batch_size,
+                           cache_dir=args.cache_dir, progress=not args.no_progress,
+                           device=resolve_device(args.device), desc=desc)
+
+
 def write_settings(path: str | Path, args: argparse.Namespace) -> Path:
     """The command's resolved settings (every argument, defaults included) as JSON at ``path``,
     so that a result can be re-made as it was."""

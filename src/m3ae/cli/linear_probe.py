@@ -5,7 +5,7 @@ same probe at every chosen layer, all layers' features from one encoder pass. Fe
 cached on disk (model + data hash)."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, add_feature_args, features_for, write_results
 
 EPILOG = """examples:
   m3ae linear-probe runs/demo/final --train shapes:2000:0 --val shapes:500:1
@@ -39,38 +39,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def features_for(args, spec: str, limit, desc: str, model_dir=None, pool=None, layers=None):
-    from ..device import resolve_device
-    from ..evaluation.data import load_labelled
-    from ..evaluation.features import cached_features
-    from ..pretrained import read_model_config
-
-    model_dir = model_dir or args.model
-    size = read_model_config(model_dir).image_size
-    return cached_features(model_dir, load_labelled(spec, size, limit=limit), pool=pool or args.pool,
-                           block=args.block if layers is None else list(layers), batch_size=args.batch_size, cache_dir=args.cache_dir,
-                           progress=not args.no_progress, device=resolve_device(args.device), desc=desc)
-
-
-def random_init_folder(model_dir, cache_dir, seed: int):
-    """The model's architecture with fresh random weights, saved once in the cache (so its
-    features are cached like any model's)."""
-    import hashlib
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from ..evaluation.features import default_cache_dir, random_init_model
-    from ..pretrained import read_model_config, save_pretrained
-
-    cfg = read_model_config(model_dir)
-    tag = hashlib.sha1(json.dumps([asdict(cfg), seed], sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir or default_cache_dir()).parent / "random-init" / tag
-    if not (path / "model.safetensors").is_file():
-        save_pretrained(random_init_model(cfg, seed), path)
-    return path
-
-
 def _row(name: str, r, with_top5: bool) -> str:
     five = lambda v: f"{v:>7.2%}" if v is not None else f"{'':>7}"  # noqa: E731
     cells = f"{r.top1:>11.2%}" + (five(r.top5) if with_top5 else "") + f"{r.knn_top1:>11.2%}"
@@ -83,6 +51,7 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from ..evaluation.data import data_name
+    from ..evaluation.features import random_init_folder
     from ..evaluation.linear_probe import linear_probe
     from ..io import save_safetensors
 

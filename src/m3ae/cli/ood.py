@@ -3,7 +3,7 @@ covariance of encoder features, fitted on in-distribution training data) and max
 probability (of a linear probe, or of a fine-tuned classifier); AUROC, FPR at 95% TPR, ROC PNG."""
 from __future__ import annotations
 
-from .eval_common import DATA_HELP, add_eval_command, add_feature_args, write_results
+from .eval_common import DATA_HELP, add_eval_command, add_feature_args, features_for, write_results
 
 EPILOG = """example (the paper's CIFAR-100 vs CIFAR-10 has the same shape):
   m3ae ood runs/c10/final --id-train '../shared/data/cifar10/train-*.tar.gz' \\
@@ -33,7 +33,6 @@ def run(args) -> int:
 
     from ..evaluation.data import data_name
     from ..evaluation.ood import ood_scores, plot_roc
-    from .linear_probe import features_for
 
     id_train = features_for(args, args.id_train, args.limit_train, "id-train features")
     id_test = features_for(args, args.id_test, args.limit_test, "id-test features")

@@ -21,10 +21,11 @@ slot) and skips that many items *without decoding them*, then continues — noth
 or skipped. It also holds which worker's batch was due next: workers take turns, and the
 resumed DataLoader's worker ``w`` plays reader ``w + next`` so that the turns continue where
 they stopped. The resumed run must use the same ``num_workers`` (checked); on another world
-size the trainer starts the interrupted epoch afresh with a note (reader slots do not map onto
-other slots), while an indexable position converts (``offset``, see :class:`EpochSampler`). The
-replay costs reading, not decoding, the skipped items; for an endless stream (a mixture or
-``resample=true``) it grows with the run length.
+size the interrupted epoch starts afresh with a note (reader slots do not map onto other
+slots), while an indexable position converts (``offset``, see :class:`EpochSampler`): both
+in :func:`resume_position`, which the trainer calls. The replay costs reading, not decoding,
+the skipped items; for an endless stream (a mixture or ``resample=true``) it grows with the
+run length.
 
 **Bad samples.** A sample that raises :class:`~m3ae.data.decode.BadSample` becomes a marker
 that the :class:`~m3ae.data.collate.Collator` drops; the batch carries the events
@@ -45,6 +46,18 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_
 
 from ..config import MixtureMode, check_choice
 from .decode import BadSample, DataError, SkipCounter
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): as given, else the initialised process group's, else (0, 1). Not the
+    launcher's RANK/WORLD_SIZE (see :func:`m3ae.training.distributed.env_rank_info`): a process
+    that joined no group (an evaluation started by torchrun) reads all the data itself."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
 
 
 def keeps_caption(key: str, paired_fraction: float) -> bool:
@@ -313,3 +326,68 @@ class PretrainLoader(DataLoader):
         elif isinstance(self.sampler, EpochSampler):
             self.sampler.set_position(self.sampler.epoch + 1, 0)
         self._read = 0
+
+
+# A resumed run's position, also on another number of processes (the trainer calls resume_position).
+def resume_position(st: dict, loader, rank: int, world: int, origin) -> tuple[dict, str | None]:
+    """:func:`data_position` as ``loader`` (a :class:`PretrainLoader` or a cache's loader) can
+    take it: a position at an offset into the epoch (after a change of process count) needs a
+    sampler that can start there, else the epoch starts afresh, said in the note."""
+    position, note = data_position(st, rank, world, origin)
+    if position.get("offset") and not hasattr(getattr(loader, "sampler", None), "offset"):
+        position = afresh(position)  # this source's sampler cannot start at an offset
+        note = (f"note: this data source cannot continue epoch {position['epoch']} of {origin} on "
+                f"{world} processes; the epoch starts afresh; the skip counts continue")
+    return position, note
+
+
+def data_position(st: dict, rank: int, world: int, origin) -> tuple[dict, str | None]:
+    """This rank's data position from a trainer state ``st`` (its ``world_size`` and
+    ``data_per_rank``, or ``data``) read from ``origin`` (the checkpoint, named in the note),
+    converted when the process count changed, and a note for the user when the conversion
+    cannot keep the position.
+
+    On a change the skip counts of all old ranks go to the new rank 0 (the rest start at 0),
+    so the sums that the metrics show continue. An indexable ("map") position converts for
+    any world size: see :func:`convert_map_position`. A stream's per-worker positions do not
+    map onto other reader slots, so its epoch starts afresh, said in the note."""
+    old_world = st.get("world_size", 1)
+    per_rank = st.get("data_per_rank") or [st["data"]]
+    if old_world == world and len(per_rank) == world:
+        return dict(per_rank[rank]), None
+    total = SkipCounter.merged([d["skips"] for d in per_rank])
+    skips = total.state_dict() if rank == 0 else SkipCounter().state_dict()
+    data = dict(per_rank[0], skips=skips, world_size=world, rank=rank)
+    converted = convert_map_position(per_rank, world) if data.get("kind") == "map" else None
+    if converted is not None:
+        data.update(converted)
+        return data, None
+    return afresh(data), (f"note: {origin} was written by {old_world} processes reading a "
+                          f"{'stream' if data.get('kind') == 'stream' else 'source'} whose position cannot be "
+                          f"mapped onto {world}; epoch {data.get('epoch', 0)} starts afresh (its samples read "
+                          f"before the checkpoint are read again); the skip counts continue")
+
+
+def afresh(data: dict) -> dict:
+    """A data position moved back to the start of its epoch (counts kept)."""
+    if data.get("kind") == "stream":
+        # None: whatever this run's loader has; worker 0's turn first, as in a fresh epoch.
+        return dict(data, worker_pos={}, num_workers=None, next_worker=0)
+    return dict(data, position=0, offset=0)
+
+
+def convert_map_position(per_rank: list[dict], world: int) -> dict | None:
+    """An epoch position of W ranks as one for ``world`` ranks, reading every sample of the
+    epoch once over the whole run.
+
+    Rank r of W reads positions ``offset + r, offset + r + W, ...`` of the epoch's order, so
+    after p samples each the ranks have read exactly the first ``offset + W * p``. The new
+    ranks split the rest: with no offset when that count divides by the new world size (the
+    same order an uninterrupted run of that size reads), else from an offset."""
+    first = per_rank[0]
+    if any(d.get("epoch") != first["epoch"] or d["position"] != first["position"] for d in per_rank):
+        return None  # not an even split (a source of another kind): nothing to convert
+    read = first.get("offset", 0) + first["position"] * len(per_rank)
+    if read % world == 0:
+        return {"epoch": first["epoch"], "position": read // world, "offset": 0}
+    return {"epoch": first["epoch"], "position": 0, "offset": read}

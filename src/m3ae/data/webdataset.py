@@ -32,6 +32,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .decode import BadSample, DataError, DataNotFound, SkipCounter, clean_caption, decode_image
 from .device_decode import pending_image
+from .loader import StreamDataset, dist_info
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -254,9 +255,6 @@ def webdataset_source(urls: str | list[str], *, shuffle_buffer: int = 0, seed: i
     """Decoded (and transformed) samples of shards as an IterableDataset, for code that builds
     its own DataLoader (evaluation). Shards are split over ranks and workers; bad samples are
     counted in ``.skips`` of the returned dataset (in the process that reads them) and left out."""
-    from . import dist_info
-    from .loader import StreamDataset
-
     rank, world_size = dist_info()
     src = ShardSource(urls, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_buffer > 0,
                       resampled=resampled, min_side=min_side, max_chars=max_caption_chars)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +168,19 @@ def random_init_model(config, seed: int) -> M3AE:
     trainer's starting point for that seed; in eval mode."""
     torch.manual_seed(seed)
     return M3AE(config).eval()
+
+
+def random_init_folder(model_dir, cache_dir, seed: int):
+    """The model's architecture with fresh random weights, saved once in the cache (so its
+    features are cached like any model's)."""
+    from ..pretrained import read_model_config, save_pretrained
+
+    cfg = read_model_config(model_dir)
+    tag = hashlib.sha1(json.dumps([asdict(cfg), seed], sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(cache_dir or default_cache_dir()).parent / "random-init" / tag
+    if not (path / "model.safetensors").is_file():
+        save_pretrained(random_init_model(cfg, seed), path)
+    return path
 
 
 def _approx_len(dataset) -> int | None:

@@ -8,6 +8,9 @@ over with a note, but only on the holder's own host: from another host a pid can
 checked, so such a lock is refused with a message that says how to remove it by hand. A
 SIGTERM (SLURM's preemption or time limit, ``scancel``) removes the lock before the process
 ends as SIGTERM ends it, so a job requeued onto another node is not refused.
+
+The reproduction (experiments/reproduce.py) shares out its runs with the same lock under
+other names (``RUN/running.pid``, ``OUT/prepare.lock``), asking with :meth:`RunLock.try_acquire`.
 """
 from __future__ import annotations
 
@@ -45,15 +48,17 @@ class RunLock:
     """``acquire()`` before anything is read or written in the folder, ``release()`` on every
     way out. ``created`` tells whether acquiring made the folder (a failed start removes it)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, name: str = LOCK_NAME):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_NAME
+        self.path = self.run_dir / name
         self.me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         self.held, self.created = False, False
 
     def _read(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text())
+            # A bare pid: the reproduction's running.pid as it was written before it used this lock.
+            return {"pid": holder, "host": self.me["host"]} if isinstance(holder, int) else holder
         except FileNotFoundError:
             return None
         except ValueError:  # being written this instant, or a holder killed between creating and writing it
@@ -87,9 +92,12 @@ class RunLock:
                 continue  # released meanwhile
             same_host = holder.get("host") == self.me["host"]
             pid = holder.get("pid")
+            if same_host and pid == self.me["pid"]:  # already this process's (taken by an earlier RunLock)
+                self.held = True
+                return self
             if same_host and isinstance(pid, int) and (pid < 0 or not _alive(pid)):
                 # Only one of several racing takers can move the stale file aside.
-                aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
+                aside = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
                 try:
                     os.rename(self.path, aside)
                 except FileNotFoundError:
@@ -107,6 +115,16 @@ class RunLock:
             raise RunFolderLocked(f"{self.run_dir} is in use by another run ({who}, see {self.path}); {fix}")
         self._undo_folder()
         raise RunFolderLocked(f"could not take the lock {self.path}: other processes keep taking it")
+
+    def try_acquire(self, say=print) -> bool:
+        """:meth:`acquire` without waiting or raising: True when this process holds the lock
+        now (taken, taken over from a dead holder, or already its own), False when another
+        process does."""
+        try:
+            self.acquire(say)
+        except RunFolderLocked:
+            return False
+        return True
 
     def _on_sigterm(self) -> None:
         self._old_term = None

@@ -49,7 +49,7 @@ from ..ops import hide_a_quarter_first, trim_text_padding
 from .checkpoint import WeightsView
 from .distributed import DistInfo, all_reduce_sum, wrap_model
 from .nonfinite import nonfinite_parameters
-from .optim import build_optimizer, build_scheduler, config_hyperparameters
+from ..optim import build_optimizer, build_scheduler, config_hyperparameters
 
 
 class LossModule(nn.Module):

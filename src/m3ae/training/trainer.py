@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from ..config import Config
 from ..data import build_dataset, build_pretrain_loader, build_text_tokenizer
 from ..data.decode import DataError
+from ..data.loader import resume_position
 from ..model import M3AE
+from ..optim import lr_at
 from ..tokenizer import SPECIAL_TOKENS
 from ..visualize import plot_loss_curve, save_reconstruction_grid
 from .checkpoint import (CheckpointWriteError, clear_run, config_changes, last_good_after_resume,
@@ -34,7 +36,6 @@ from .distributed import (DistInfo, barrier, broadcast_object, control_group, fi
 from .interrupt import StopOnInterrupt, TrainingInterrupted
 from .loggers import MetricsLogger
 from .nonfinite import overflow_message, streak_message
-from .optim import lr_at
 from .step import TrainStep
 
 
@@ -275,11 +276,7 @@ class PretrainRun:
         self.start_step = st["step"]
         self.last_good_ckpt = last_good_after_resume(ckpt, st)  # written before any streak
         _set_rng_state(st, self.info.device)
-        position, note = _data_position(st, self.info, ckpt)
-        if position.get("offset") and not hasattr(getattr(self.loader, "sampler", None), "offset"):
-            position = afresh(position)  # this source's sampler cannot start at an offset
-            note = (f"note: this data source cannot continue epoch {position['epoch']} of {ckpt} on "
-                    f"{self.info.world_size} processes; the epoch starts afresh; the skip counts continue")
+        position, note = resume_position(st, self.loader, self.info.rank, self.info.world_size, ckpt)
         if note and self.info.is_main:
             tqdm.write(note)
         self.stream.load_state(position)
@@ -478,58 +475,6 @@ def _load_weights(model: M3AE, ckpt: Path) -> dict:
 
     load_state_dict_checked(model, read_weights(ckpt))
     return load_trainer_state(ckpt)
-
-
-def _data_position(st: dict, info: DistInfo, ckpt: Path) -> tuple[dict, str | None]:
-    """This rank's data position from a checkpoint, converted when the process count changed,
-    and a note for the user when the conversion cannot keep the position.
-
-    On a change the skip counts of all old ranks go to the new rank 0 (the rest start at 0),
-    so the sums that the metrics show continue. An indexable ("map") position converts for
-    any world size: see :func:`convert_map_position`. A stream's per-worker positions do not
-    map onto other reader slots, so its epoch starts afresh, said in the note."""
-    from ..data import SkipCounter
-
-    world, old_world = info.world_size, st.get("world_size", 1)
-    per_rank = st.get("data_per_rank") or [st["data"]]
-    if old_world == world and len(per_rank) == world:
-        return dict(per_rank[info.rank]), None
-    total = SkipCounter.merged([d["skips"] for d in per_rank])
-    skips = total.state_dict() if info.rank == 0 else SkipCounter().state_dict()
-    data = dict(per_rank[0], skips=skips, world_size=world, rank=info.rank)
-    converted = convert_map_position(per_rank, world) if data.get("kind") == "map" else None
-    if converted is not None:
-        data.update(converted)
-        return data, None
-    return afresh(data), (f"note: {ckpt} was written by {old_world} processes reading a "
-                          f"{'stream' if data.get('kind') == 'stream' else 'source'} whose position cannot be "
-                          f"mapped onto {world}; epoch {data.get('epoch', 0)} starts afresh (its samples read "
-                          f"before the checkpoint are read again); the skip counts continue")
-
-
-def afresh(data: dict) -> dict:
-    """A data position moved back to the start of its epoch (counts kept)."""
-    if data.get("kind") == "stream":
-        # None: whatever this run's loader has; worker 0's turn first, as in a fresh epoch.
-        return dict(data, worker_pos={}, num_workers=None, next_worker=0)
-    return dict(data, position=0, offset=0)
-
-
-def convert_map_position(per_rank: list[dict], world: int) -> dict | None:
-    """An epoch position of W ranks as one for ``world`` ranks, reading every sample of the
-    epoch once over the whole run.
-
-    Rank r of W reads positions ``offset + r, offset + r + W, ...`` of the epoch's order, so
-    after p samples each the ranks have read exactly the first ``offset + W * p``. The new
-    ranks split the rest: with no offset when that count divides by the new world size (the
-    same order an uninterrupted run of that size reads), else from an offset."""
-    first = per_rank[0]
-    if any(d.get("epoch") != first["epoch"] or d["position"] != first["position"] for d in per_rank):
-        return None  # not an even split (a source of another kind): nothing to convert
-    read = first.get("offset", 0) + first["position"] * len(per_rank)
-    if read % world == 0:
-        return {"epoch": first["epoch"], "position": read // world, "offset": 0}
-    return {"epoch": first["epoch"], "position": 0, "offset": read}
 
 
 def _data_counts(loader, info: DistInfo):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-POOLS = ("cls", "mean")  # the paper probes CLS; the mean of the image tokens is reported beside it
-
 
 @dataclass(frozen=True)
 class Experiment:

@@ -1,12 +1,12 @@
 """The reproduction report's plots: the four claims side by side, and the probe and every
-readout along pre-training (from :func:`m3ae.reports.reproduction.summarize`'s summary)."""
+readout along pre-training (from :func:`.report.summarize`'s summary)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
-from .experiment import POOLS
+from m3ae.ops import POOLS
 
 
 def make_plots(s: dict, docs: Path) -> list[str]:

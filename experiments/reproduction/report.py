@@ -1,6 +1,6 @@
 """The reproduction's report (experiments/reproduce.py ``--report``): the per-run result.json
 files summarised into the numbers of every claim (:func:`summarize`), then plots
-(:mod:`.reproduction_plots`) and a Markdown page (:mod:`.reproduction_page`), from
+(:mod:`.plots`) and a Markdown page (:mod:`.page`), from
 :func:`report`.
 
 Nothing here knows the experiment's modes: what the page needs of them (the paper's numbers,
@@ -12,9 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
-from ..io import write_json_atomic
-from .experiment import POOLS, Experiment  # noqa: F401 (also imported from here)
-from .stats import compare, compare_noise, compare_strict, gap_stats, mean
+from m3ae.io import write_json_atomic
+from m3ae.ops import POOLS
+from m3ae.reports.stats import compare, compare_noise, compare_strict, gap_stats, mean
+
+from .experiment import Experiment
 
 # Every readout of a run's encoder: (key in result["probes"] and in its curve points, field).
 READOUTS = {"linear probe, CLS": ("cls", "top1"), "linear probe, mean": ("mean", "top1"),
@@ -152,8 +154,8 @@ def report(out: Path, docs: Path, mode_name: str, mode: dict, experiment: Experi
     """Summary JSON, plots and docs/results.md (the standard mode; other modes
     docs/results/<mode>.md) from the runs' result.json files (or, when the run folders are
     gone, from the summary saved by an earlier report)."""
-    from .reproduction_page import write_markdown
-    from .reproduction_plots import make_plots
+    from .page import write_markdown
+    from .plots import make_plots
 
     plan_file = out / "plan.json"
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))}

@@ -1,13 +1,13 @@
-"""The reproduction report as a library module: it takes what it knows of the experiment (the
-paper's numbers, the full mode's size, the pages to link) from the Experiment it is given, not
-from experiments/ and not from text typed into the renderer."""
+"""The reproduction report (experiments/reproduction/report.py): it takes what it knows of the
+experiment (the paper's numbers, the full mode's size, the pages to link) from the Experiment it
+is given, not from the modes and not from text typed into the renderer."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from m3ae.reports.reproduction import Experiment, full_estimate_hours, report
+from reproduction.report import Experiment, full_estimate_hours, report
 
 FULL = {"steps": 1000, "batch_size": 10, "seeds": [0, 1], "probe_train": 100, "val": 50, "cifar_test": 20,
         "cifar_train": 30, "model": {"image_size": 48, "patch_size": 8}}

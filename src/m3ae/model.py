@@ -24,8 +24,8 @@ from torchvision.ops import StochasticDepth
 from .config import ModelConfig, model_config
 from .ops import (Masking, gather_tokens, no_masking, patchify, pool_tokens, random_masking, sincos_1d,
                   sincos_2d)
-from .pretrained import (load_state_dict_checked, push_to_hub, read_model_config, read_weights,
-                         resolve_pretrained, save_pretrained)
+from .pretrained import (from_pretrained, load_weights, push_to_hub, read_model_config, resolve_pretrained,
+                         save_pretrained)
 
 
 # ------------------------------------------------------------------------ blocks
@@ -176,6 +176,10 @@ class M3AE(nn.Module):
     :func:`m3ae.load_pretrained` / :meth:`from_pretrained`.
     """
 
+    # Whether the image head predicts per-patch normalised pixels (train.norm_pix_loss), as
+    # recorded in a pretrained folder; pictures un-normalise its predictions accordingly.
+    norm_pix_loss: bool = False
+
     def __init__(self, config: ModelConfig | None = None, **overrides):
         super().__init__()
         cfg = config if config is not None else model_config("base")
@@ -274,22 +278,16 @@ class M3AE(nn.Module):
                              "from the official Colab's .pth): it cannot reconstruct images or predict "
                              "words; use encode_image / encode_text / forward_features")
 
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory``."""
-        return save_pretrained(self, directory, tokenizer)
+    # The pretrained folder: functions of m3ae.pretrained (config.json + model.safetensors [+ tokenizer.json]).
+    def save_pretrained(self, directory, tokenizer=None, **kwargs):
+        return save_pretrained(self, directory, tokenizer, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str = "cpu", revision: str | None = None,
+    def from_pretrained(cls, name_or_path, map_location: str = "cpu", revision: str | None = None,
                         strict: bool = True) -> M3AE:
-        """Load a pretrained folder, or a Hub repo id already in the local HF cache (no downloads;
-        see :func:`m3ae.pretrained.resolve_pretrained`)."""
-        directory = resolve_pretrained(directory, revision)
-        model = cls(read_model_config(directory))
-        load_state_dict_checked(model, read_weights(directory, map_location), strict=strict)
-        return model
+        return from_pretrained(cls, name_or_path, map_location, revision, strict)
 
     def push_to_hub(self, repo_id: str, tokenizer=None, **kwargs) -> str:
-        """Upload to the Hugging Face Hub (optional extra ``hub``); see :func:`m3ae.pretrained.push_to_hub`."""
         return push_to_hub(self, repo_id, tokenizer, **kwargs)
 
     def _type(self, name: str) -> torch.Tensor | float:
@@ -575,6 +573,4 @@ def create_model(preset: str = "base", pretrained=None, **overrides) -> M3AE:
     if diff:
         raise ValueError(f"{pretrained} is not a {preset!r} model: it has " + ", ".join(diff)
                          + "; pass those as overrides or load it with m3ae.load_pretrained")
-    model = M3AE(cfg)
-    load_state_dict_checked(model, read_weights(directory), strict=True)
-    return model
+    return load_weights(M3AE(cfg), directory)

@@ -22,8 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .config import ModelConfig, model_config
-from .ops import (Masking, gather_tokens, no_masking, patchify, pool_tokens, random_masking, sincos_1d,
-                  sincos_2d)
+from .ops import Masking, keep_tokens, patchify, pool_tokens, restore_tokens, sincos_1d, sincos_2d
 from .pretrained import (from_pretrained, load_weights, push_to_hub, read_model_config, resolve_pretrained,
                          save_pretrained)
 
@@ -310,15 +309,6 @@ class M3AE(nn.Module):
             raise ValueError(f"caption length {t} exceeds max_text_len={self.config.max_text_len}")
         return self.text_embed(text) + self.enc_text_pos[:, :t] + self._type("encoder_text_type")
 
-    @staticmethod
-    def _encoder_stream(x: torch.Tensor, valid: torch.Tensor, mask_ratio: float, generator, noise,
-                        all_valid: bool = False) -> tuple[torch.Tensor, Masking]:
-        """Embedded tokens of one modality -> the kept ones (the encoder's slots) and their masking."""
-        if mask_ratio > 0:
-            m = random_masking(valid, mask_ratio, generator=generator, noise=noise, all_valid=all_valid)
-            return gather_tokens(x, m.ids_keep), m
-        return x, no_masking(valid, all_valid=all_valid)
-
     def forward_encoder(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                         text_padding_mask: torch.Tensor | None = None,
                         image_valid: torch.Tensor | None = None, *,
@@ -348,7 +338,7 @@ class M3AE(nn.Module):
             all_valid = image_valid is None
             valid = (torch.ones(b, n, dtype=torch.bool, device=image.device) if all_valid
                      else image_valid.bool()[:, None].expand(b, n))
-            x_img, img_m = self._encoder_stream(x_img, valid, image_mask_ratio, generator, image_noise, all_valid)
+            x_img, img_m = keep_tokens(x_img, valid, image_mask_ratio, generator, image_noise, all_valid)
             parts.append(x_img)
             valids.append(img_m.slot_valid)
             needs_mask |= not all_valid
@@ -357,7 +347,7 @@ class M3AE(nn.Module):
             if text_padding_mask is None:
                 text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
             text_valid = ~text_padding_mask.bool()
-            x_txt, txt_m = self._encoder_stream(self.embed_text(text), text_valid, text_mask_ratio, generator,
+            x_txt, txt_m = keep_tokens(self.embed_text(text), text_valid, text_mask_ratio, generator,
                                                 text_noise)
             parts.append(x_txt)
             valids.append(txt_m.slot_valid)
@@ -371,19 +361,6 @@ class M3AE(nn.Module):
         return EncoderOutput(latent, key_valid, img_m, txt_m, image_valid, text_valid, inter), patches
 
     # ------------------------------------------------------------------- decoder
-    def _decoder_stream(self, y: torch.Tensor, m: Masking, mask_token: torch.Tensor,
-                        pos: torch.Tensor, type_emb) -> torch.Tensor:
-        """Encoder slots of one modality -> full-length decoder tokens in original order."""
-        b, length = m.ids_restore.shape
-        if m.complete:  # unmasked: every slot holds its own token (padding too, as officially)
-            return y + pos[:, :length] + type_emb
-        # Slots past a sample's kept count hold dropped tokens: hide them behind the mask token.
-        y = torch.where(m.slot_valid[..., None], y, mask_token.to(y.dtype))
-        if y.shape[1] < length:
-            y = torch.cat([y, mask_token.to(y.dtype).expand(b, length - y.shape[1], -1)], dim=1)
-        y = gather_tokens(y, m.ids_restore)
-        return y + pos[:, :length] + type_emb
-
     def forward_decoder(self, enc: EncoderOutput):
         """Decoder over CLS + every image position + every caption position.
 
@@ -405,7 +382,7 @@ class M3AE(nn.Module):
                 lengths.append(0)
                 continue
             n = m.ids_restore.shape[1]
-            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, mask_token, pos,
+            parts.append(restore_tokens(y[:, start:start + m.num_slots], m, mask_token, pos,
                                               self._type(type_name)))
             start += m.num_slots
             if attended is None:
@@ -476,19 +453,54 @@ class M3AE(nn.Module):
         return (enc.latent, enc.intermediates) if return_intermediates else enc.latent
 
     # ------------------------------------------------------------ pooled features
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """Image features (B, emb_dim): the encoder's CLS token (``pool="cls"``) or the mean of
+        its patch tokens (``"mean"``), for unmasked normalised images (B, 3, H, W) or (3, H, W).
+        The numbers ``m3ae embed --modality image`` writes."""
+        return self.encode(images, None, pool=pool)
+
+    def encode_text(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                    pool: str = "cls") -> torch.Tensor:
+        """Caption features (B, emb_dim) from token ids (B, T) and their padding mask (True =
+        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``."""
+        return self.encode(None, ids, padding_mask, pool)
+
+    def encode(self, images: torch.Tensor | None, ids: torch.Tensor | None, padding_mask: torch.Tensor | None = None,
+               pool: str = "cls") -> torch.Tensor:
+        """Joint features (B, emb_dim) of images and their captions in one encoder pass (the
+        mean runs over the patches and the caption's real tokens); either may be None."""
+        images, ids, padding_mask = check_inputs(images, ids, padding_mask, self.config.in_chans)
+        enc, _ = self.forward_encoder(images, ids, padding_mask)
+        return pool_tokens(enc.latent, enc.key_valid, pool)
+
+    @torch.no_grad()
+    def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                       text_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-layer encoder attention weights (B, heads, N, N) for full, unmasked inputs."""
+        inputs = []  # each block's attention input (normalised residual stream, mask), seen in one pass
+        hooks = [blk.attn.register_forward_pre_hook(lambda _, args: inputs.append(args))
+                 for blk in self.encoder.blocks]
+        try:
+            self.forward_encoder(image, text, text_padding_mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [blk.attn(*args, return_attention=True)[1] for blk, args in zip(self.encoder.blocks, inputs)]
+
+
+def check_inputs(images, ids, padding_mask, in_chans: int = 3):
+    """The pooled-feature methods' inputs, checked with one-line errors: unbatched ones get a
+    batch dimension; images must be normalised floats, ids integers."""
+    if images is not None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             got = type(images).__name__ if not isinstance(images, torch.Tensor) else f"a {images.dtype} tensor"
             raise ValueError(f"images must be normalised float tensors (B, 3, H, W) from the model's "
                              f"transform, got {got}")
         if images.dim() == 3:  # one image from the transform
             images = images[None]
-        if images.dim() != 4 or images.shape[1] != self.config.in_chans:
-            raise ValueError(f"images must be (B, {self.config.in_chans}, H, W), got {tuple(images.shape)}")
-        return images
-
-    @staticmethod
-    def _check_text(ids: torch.Tensor, padding_mask: torch.Tensor | None):
+        if images.dim() != 4 or images.shape[1] != in_chans:
+            raise ValueError(f"images must be (B, {in_chans}, H, W), got {tuple(images.shape)}")
+    if ids is not None:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
             raise ValueError("ids must be an integer tensor (B, T) from the tokenizer: "
                              "ids, padding_mask = tokenizer(captions)")
@@ -497,56 +509,9 @@ class M3AE(nn.Module):
             padding_mask = None if padding_mask is None else padding_mask.reshape(1, -1)
         if padding_mask is not None and padding_mask.shape != ids.shape:
             raise ValueError(f"padding_mask {tuple(padding_mask.shape)} does not match ids {tuple(ids.shape)}")
-        return ids, padding_mask
-
-    def encode_image(self, images: torch.Tensor, pool: str = "cls") -> torch.Tensor:
-        """Image features (B, emb_dim): the encoder's CLS token (``pool="cls"``) or the mean of
-        its patch tokens (``"mean"``), for unmasked normalised images (B, 3, H, W) or (3, H, W).
-        The numbers ``m3ae embed --modality image`` writes."""
-        enc, _ = self.forward_encoder(self._check_images(images))
-        return pool_tokens(enc.latent, enc.key_valid, pool)
-
-    def encode_text(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                    pool: str = "cls") -> torch.Tensor:
-        """Caption features (B, emb_dim) from token ids (B, T) and their padding mask (True =
-        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``."""
-        ids, padding_mask = self._check_text(ids, padding_mask)
-        enc, _ = self.forward_encoder(None, ids, padding_mask)
-        return pool_tokens(enc.latent, enc.key_valid, pool)
-
-    def encode(self, images: torch.Tensor, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-               pool: str = "cls") -> torch.Tensor:
-        """Joint features (B, emb_dim) of images and their captions in one encoder pass (the
-        mean runs over the patches and the caption's real tokens)."""
-        images = self._check_images(images)
-        ids, padding_mask = self._check_text(ids, padding_mask)
-        if ids.shape[0] != images.shape[0]:
+        if images is not None and ids.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {ids.shape[0]} captions")
-        enc, _ = self.forward_encoder(images, ids, padding_mask)
-        return pool_tokens(enc.latent, enc.key_valid, pool)
-
-    @torch.no_grad()
-    def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                       text_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per-layer encoder attention weights (B, heads, N, N) for full, unmasked inputs."""
-        enc, _ = self.forward_encoder(image, text, text_padding_mask, return_intermediates=True)
-        # Recompute each block's attention from the block inputs.
-        x = [self._encoder_input(image, text)] + enc.intermediates[:-1]
-        mask = None if enc.key_valid is None else enc.key_valid[:, None, None, :]
-        maps = []
-        for blk, h in zip(self.encoder.blocks, x):
-            _, w = blk.attn(blk.norm1(h), mask, return_attention=True)
-            maps.append(w)
-        return maps
-
-    def _encoder_input(self, image, text) -> torch.Tensor:
-        ref = image if image is not None else text
-        parts = [self.cls_token.expand(ref.shape[0], -1, -1)]
-        if image is not None:
-            parts.append(self.embed_image(image)[0])
-        if text is not None:
-            parts.append(self.embed_text(text))
-        return torch.cat(parts, dim=1)
+    return images, ids, padding_mask
 
 
 # Config fields that do not change the weights' shapes or meaning: a pretrained model of a

@@ -347,8 +347,7 @@ class M3AE(nn.Module):
             if text_padding_mask is None:
                 text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
             text_valid = ~text_padding_mask.bool()
-            x_txt, txt_m = keep_tokens(self.embed_text(text), text_valid, text_mask_ratio, generator,
-                                                text_noise)
+            x_txt, txt_m = keep_tokens(self.embed_text(text), text_valid, text_mask_ratio, generator, text_noise)
             parts.append(x_txt)
             valids.append(txt_m.slot_valid)
             needs_mask = True
@@ -382,8 +381,7 @@ class M3AE(nn.Module):
                 lengths.append(0)
                 continue
             n = m.ids_restore.shape[1]
-            parts.append(restore_tokens(y[:, start:start + m.num_slots], m, mask_token, pos,
-                                              self._type(type_name)))
+            parts.append(restore_tokens(y[:, start:start + m.num_slots], m, mask_token, pos, self._type(type_name)))
             start += m.num_slots
             if attended is None:
                 valids.append(torch.ones(b, n, dtype=torch.bool, device=y.device))

@@ -155,14 +155,15 @@ def model_dir(run: Run, run_dir: Path, step: int) -> Path:
 # -------------------------------------------------------------------------- evaluation
 def readout(run: Run, run_dir: Path, step: int, ctx: dict) -> dict:
     """Every readout of one checkpoint (see the module doc)."""
-    from m3ae.evaluation import linear_probe, load_model
+    from m3ae import load_pretrained
+    from m3ae.evaluation import linear_probe
     from m3ae.evaluation.features import layer_name
 
     t0 = time.perf_counter()
     study = ctx["study"]
     mode = study.mode
     where = model_dir(run, run_dir, step)
-    model, _ = load_model(where, ctx["device"])
+    model = load_pretrained(where, ctx["device"], need_tokenizer=False)[0]
     sets = ctx["sets"]
     probes, feats = probe_checkpoint(model, sets, mode, run.spec.seed)
     res = {"run": run.name, "kind": run.kind, "seed": run.spec.seed, "step": step,

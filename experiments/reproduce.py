@@ -77,7 +77,7 @@ def measure(mode: Mode, data: Path, out: Path, tokenizer: Path, device: str) -> 
     evaluation, one OOD evaluation and one caption diagnostic."""
     import tempfile
 
-    from m3ae.evaluation import load_model
+    from m3ae import load_pretrained
     from m3ae.training import pretrain
 
     n = mode.plan_steps
@@ -92,7 +92,7 @@ def measure(mode: Mode, data: Path, out: Path, tokenizer: Path, device: str) -> 
             res = pretrain(cfg, run, progress=False)
             windows = [r["samples_per_s"] for r in res.history[1:]] or [res.history[-1]["samples_per_s"]]
             rates[spec.kind] = float(np.median(windows))
-        model, _ = load_model(Path(tmp) / "m3ae" / "final", device)
+        model = load_pretrained(Path(tmp) / "m3ae" / "final", device, need_tokenizer=False)[0]
         sets = eval_images(data, out, mode, model.config.image_size)
         (probes, feats), cost["probe_checkpoint_s"] = _timed(lambda: probe_checkpoint(model, sets, mode, 0))
         pool = mode.pool

@@ -56,3 +56,16 @@ def test_old_name_text_encoder_still_imports_with_a_warning():
     with pytest.warns(DeprecationWarning, match="TextTokenizer"):
         old = tokenizer_module.TextEncoder
     assert old is tokenizer_module.TextTokenizer
+
+
+def test_caption_tokenizer_is_folded_into_text_tokenizer():
+    import m3ae.tokenizer as tokenizer_module
+    from m3ae.tokenizer import SPECIAL_TOKENS, from_vocab
+
+    with pytest.warns(DeprecationWarning, match="CaptionTokenizer is now TextTokenizer"):
+        assert tokenizer_module.CaptionTokenizer is tokenizer_module.TextTokenizer
+    tok = tokenizer_module.TextTokenizer(from_vocab(SPECIAL_TOKENS + ["red", "circle"]), text_len=4)
+    ids, pad = tok("red circle")  # one caption, as the user-facing tokenizer took it
+    assert ids.tolist() == [[5, 6, 0, 0]] and pad.tolist() == [[False, False, True, True]]
+    assert tok.decode(ids[0]) == "red circle"
+    assert tok.word_mask(9).tolist() == [False] * 5 + [True, True] + [False] * 2  # words only, in vocabulary

@@ -61,7 +61,7 @@ def main() -> None:
     ranked = tasks.zero_shot(model, tokenizer, image, SHAPES, template=template)
     print(f"zero_shot(template={template!r}):", ", ".join(f"{c} {s:.2f}" for c, s in ranked))
 
-    r = tasks.reconstruct(model, image, caption, mask_ratio=0.75, seed=0, tokenizer=tokenizer)
+    r = tasks.reconstruct(model, tokenizer, image, caption, mask_ratio=0.75, seed=0)
     e0, e1 = hidden_error(r)
     print(f"reconstruct(mask_ratio=0.75): pixel MSE on hidden patches {e0:.4f} without the caption, "
           f"{e1:.4f} with it")
@@ -87,7 +87,7 @@ def main() -> None:
         two = tasks.fill_mask(model, tokenizer, image, " ".join(words), top_k=1)
         hits["two_hidden"] += two[words.index("[MASK]") != prompt.split(" ").index("[MASK]")][0][0] == colour
         hits["shape"] += tasks.zero_shot(model, tokenizer, image, SHAPES, template=template)[0][0] == shape
-        errors.append(hidden_error(tasks.reconstruct(model, image, caption, seed=len(errors), tokenizer=tokenizer)))
+        errors.append(hidden_error(tasks.reconstruct(model, tokenizer, image, caption, seed=len(errors))))
     n = args.n
     e = np.array(errors).mean(0)
     print(f"over {n} held-out single-shape images: colour word right {hits['image'] / n:.1%} with the image, "

@@ -264,9 +264,9 @@ def evaluate_run(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, device: s
                  out: Path | None = None) -> dict:
     """Linear probe on Tiny-ImageNet val of the final model (every pool) and of the kept
     checkpoints (the probe curve); for the main runs also OOD AUROCs."""
-    from m3ae.evaluation import load_model
+    from m3ae import load_pretrained
 
-    model, _ = load_model(run_dir / "final", device)
+    model = load_pretrained(run_dir / "final", device, need_tokenizer=False)[0]
     sets = eval_images(data, out or run_dir.parent, mode, model.config.image_size)
     pool = mode.pool
     probes, feats = probe_checkpoint(model, sets, mode, spec.seed)
@@ -278,7 +278,7 @@ def evaluate_run(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, device: s
         if step == final_step:
             ps = probes  # the final checkpoint holds the same weights as final/
         else:
-            ps, _ = probe_checkpoint(load_model(ckpt, device)[0], sets, mode, spec.seed)
+            ps, _ = probe_checkpoint(load_pretrained(ckpt, device, need_tokenizer=False)[0], sets, mode, spec.seed)
         curve.append({"step": step, **{p: {"top1": r.top1, "knn_top1": r.knn_top1} for p, r in ps.items()}})
     res["curve"] = curve
     n_images = (len(sets["tin-train"]["labels"]) + len(sets["tin-val"]["labels"])) * max(1, len(curve))
@@ -294,10 +294,11 @@ def save_pictures(spec: RunSpec, mode: Mode, data: Path, run_dir: Path, device: 
     training images plus cross-modal attention."""
     import torch
 
-    from m3ae.evaluation import load_labelled, load_model, make_loader
+    from m3ae import load_pretrained
+    from m3ae.evaluation import load_labelled, make_loader
     from m3ae.visualize import save_reconstruction_grid
 
-    model, text_tokenizer = load_model(run_dir / "final", device)
+    model, text_tokenizer, _ = load_pretrained(run_dir / "final", device, need_tokenizer=False)
     size = model.config.image_size
     pics = run_dir / "pictures"
     made = []
@@ -323,10 +324,10 @@ def caption_diagnostic(model_dir: Path, data: Path, device: str, n: int = 2000) 
     through the image tokens, i.e. whether cross-modal learning happened at all."""
     import torch
 
-    from m3ae import M3AELoss
-    from m3ae.evaluation import load_labelled, load_model, make_loader
+    from m3ae import M3AELoss, load_pretrained
+    from m3ae.evaluation import load_labelled, make_loader
 
-    model, text_tokenizer = load_model(model_dir, device)
+    model, text_tokenizer, _ = load_pretrained(model_dir, device, need_tokenizer=True)
     model.eval()
     loss = M3AELoss(text_norm="text")
     sums = {"with_image": [0.0, 0.0], "without_image": [0.0, 0.0]}

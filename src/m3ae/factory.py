@@ -13,6 +13,7 @@ normalisation).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,7 +23,7 @@ import torch
 from .config import PRESETS, model_config
 from .model import M3AE
 from .pretrained import CONFIG_NAME, TOKENIZER_NAME, read_model_config, resolve_pretrained
-from .tokenizer import CaptionTokenizer, load_tokenizer
+from .tokenizer import TextTokenizer, load_tokenizer
 
 
 class ImageTransform:
@@ -79,7 +80,23 @@ def _model_folder(src) -> Path:
     return resolve_pretrained(src)
 
 
-def get_tokenizer(src, text_len: int | None = None) -> CaptionTokenizer:
+def _no_tokenizer(folder) -> str:
+    """What to do about a model folder without a tokenizer (one sentence, for a warning or an error)."""
+    return (f"{folder} holds no {TOKENIZER_NAME}, so captions cannot be tokenised (text features, "
+            "fill_mask, zero_shot, reconstruct with a caption): store one beside the weights with "
+            f"`m3ae convert-official CHECKPOINT {folder} --tokenizer VOCAB` (vocab.txt / tokenizer.json), "
+            "or load one with m3ae.get_tokenizer(PATH)")
+
+
+def _folder_tokenizer(folder: Path, text_len: int) -> TextTokenizer:
+    try:
+        tok = load_tokenizer(folder / TOKENIZER_NAME)
+    except Exception as e:  # the tokenizers library's own error type
+        raise ValueError(f"{folder / TOKENIZER_NAME} is damaged ({type(e).__name__}: {e})") from None
+    return TextTokenizer(tok, text_len, warn_truncation=True)
+
+
+def get_tokenizer(src, text_len: int | None = None) -> TextTokenizer:
     """The tokenizer of a model (its folder's ``tokenizer.json``, at its caption length), or of
     a tokenizer file / folder / cached HF name (``text_len`` then defaults to 64)."""
     path = Path(src)
@@ -91,21 +108,22 @@ def get_tokenizer(src, text_len: int | None = None) -> CaptionTokenizer:
             folder = None
     if folder is not None and (folder / CONFIG_NAME).is_file():
         if not (folder / TOKENIZER_NAME).is_file():
-            raise FileNotFoundError(f"{src} has no {TOKENIZER_NAME}: pass a tokenizer file "
-                                    "(m3ae convert-official --tokenizer stores one beside the weights)")
-        length = text_len or read_model_config(folder).max_text_len
-        return CaptionTokenizer(load_tokenizer(folder / TOKENIZER_NAME), length)
-    return CaptionTokenizer(load_tokenizer(src), text_len or 64)
+            raise FileNotFoundError(_no_tokenizer(folder))
+        return _folder_tokenizer(folder, text_len or read_model_config(folder).max_text_len)
+    return TextTokenizer(load_tokenizer(src), text_len or 64, warn_truncation=True)
 
 
-def load_pretrained(src, device: str | torch.device | None = None
-                    ) -> tuple[M3AE, CaptionTokenizer | None, ImageTransform]:
+def load_pretrained(src, device: str | torch.device | None = None, need_tokenizer: bool | None = None
+                    ) -> tuple[M3AE, TextTokenizer | None, ImageTransform]:
     """``model, tokenizer, transform`` for a pretrained folder, a run folder, or a Hub id in
-    the local cache (never a download).
+    the local cache (never a download): the one way in for a trained model (the CLI, the demo,
+    the experiments and the trainer's resume use it).
 
     The model is in eval mode on ``device`` (default: CUDA when available, else CPU).
     ``tokenizer`` is None when the folder holds no ``tokenizer.json`` (e.g. an official
-    checkpoint converted without ``--tokenizer``): image features still work.
+    checkpoint converted without ``--tokenizer``): image features still work, and a warning
+    says how to add one. ``need_tokenizer=True`` makes that an error instead; ``False``
+    (image-only work) loads without the warning.
     """
     folder = _model_folder(src)
     if device is None:
@@ -113,12 +131,16 @@ def load_pretrained(src, device: str | torch.device | None = None
     model = M3AE.from_pretrained(folder).to(device).eval()
     tokenizer = None
     if (folder / TOKENIZER_NAME).is_file():
-        tokenizer = CaptionTokenizer(load_tokenizer(folder / TOKENIZER_NAME), model.config.max_text_len)
+        tokenizer = _folder_tokenizer(folder, model.config.max_text_len)
+    elif need_tokenizer:
+        raise FileNotFoundError(_no_tokenizer(folder))
+    elif need_tokenizer is None:
+        warnings.warn(_no_tokenizer(folder), stacklevel=2)
     return model, tokenizer, ImageTransform(model.config.image_size)
 
 
 class ModelInfo(NamedTuple):
-    """A preset's architecture and size (:func:`list_models`)."""
+    """A preset's architecture and size (:func:`model_info`)."""
 
     name: str
     params: int          # the whole model
@@ -130,16 +152,26 @@ class ModelInfo(NamedTuple):
     patch_size: int
 
 
-def list_models() -> list[ModelInfo]:
-    """Every preset of :func:`m3ae.create_model`, with its parameter counts."""
-    out = []
-    for name in PRESETS:
-        cfg = model_config(name)
-        with torch.device("meta"):  # counts without allocating (huge has 0.6 B parameters)
-            model = M3AE(cfg)
-        total = sum(p.numel() for p in model.parameters())
-        encoder = sum(p.numel() for n, p in model.named_parameters() if model.group_matcher(n) <= cfg.depth
-                      or n.startswith("encoder."))
-        out.append(ModelInfo(name, total, encoder, cfg.emb_dim, cfg.depth, cfg.num_heads,
-                             cfg.image_size, cfg.patch_size))
-    return out
+def list_models() -> list[str]:
+    """The names of :func:`m3ae.create_model`'s presets, as ``timm.list_models()`` and
+    ``open_clip.list_models()`` give them. An alias (a name whose preset is an earlier name's,
+    e.g. ``m3ae_base_patch16`` for ``base``) is not listed again; ``create_model`` and
+    :func:`model_info` take it."""
+    seen: list[dict] = []
+    names = []
+    for name, preset in PRESETS.items():
+        if not any(preset is s for s in seen):
+            seen.append(preset)
+            names.append(name)
+    return names
+
+
+def model_info(name: str) -> ModelInfo:
+    """A preset's architecture and parameter counts (any name :func:`m3ae.create_model` takes)."""
+    cfg = model_config(name)
+    with torch.device("meta"):  # counts without allocating (huge has 0.6 B parameters)
+        model = M3AE(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    encoder = sum(p.numel() for n, p in model.named_parameters() if model.group_matcher(n) <= cfg.depth
+                  or n.startswith("encoder."))
+    return ModelInfo(name, total, encoder, cfg.emb_dim, cfg.depth, cfg.num_heads, cfg.image_size, cfg.patch_size)

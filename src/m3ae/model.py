@@ -22,10 +22,10 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from .config import ModelConfig, model_config
-from .ops import (Masking, gather_tokens, no_masking, patchify, pool_tokens, random_masking, resolve_blocks,
-                  sincos_1d, sincos_2d)
-from .pretrained import (load_state_dict_checked, push_to_hub, read_model_config, read_weights,
-                         resolve_pretrained, save_pretrained)
+from .ops import (Masking, keep_tokens, patchify, pool_tokens, resolve_blocks, restore_tokens, sincos_1d,
+                  sincos_2d)
+from .pretrained import (from_pretrained, load_weights, push_to_hub, read_model_config, resolve_pretrained,
+                         save_pretrained)
 
 
 # ------------------------------------------------------------------------ blocks
@@ -176,6 +176,10 @@ class M3AE(nn.Module):
     :func:`m3ae.load_pretrained` / :meth:`from_pretrained`.
     """
 
+    # Whether the image head predicts per-patch normalised pixels (train.norm_pix_loss), as
+    # recorded in a pretrained folder; pictures un-normalise its predictions accordingly.
+    norm_pix_loss: bool = False
+
     def __init__(self, config: ModelConfig | None = None, **overrides):
         super().__init__()
         cfg = config if config is not None else model_config("base")
@@ -274,22 +278,16 @@ class M3AE(nn.Module):
                              "from the official Colab's .pth): it cannot reconstruct images or predict "
                              "words; use encode_image / encode_text / forward_features")
 
-    def save_pretrained(self, directory, tokenizer=None):
-        """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to ``directory``."""
-        return save_pretrained(self, directory, tokenizer)
+    # The pretrained folder: functions of m3ae.pretrained (config.json + model.safetensors [+ tokenizer.json]).
+    def save_pretrained(self, directory, tokenizer=None, **kwargs):
+        return save_pretrained(self, directory, tokenizer, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str = "cpu", revision: str | None = None,
+    def from_pretrained(cls, name_or_path, map_location: str = "cpu", revision: str | None = None,
                         strict: bool = True) -> M3AE:
-        """Load a pretrained folder, or a Hub repo id already in the local HF cache (no downloads;
-        see :func:`m3ae.pretrained.resolve_pretrained`)."""
-        directory = resolve_pretrained(directory, revision)
-        model = cls(read_model_config(directory))
-        load_state_dict_checked(model, read_weights(directory, map_location), strict=strict)
-        return model
+        return from_pretrained(cls, name_or_path, map_location, revision, strict)
 
     def push_to_hub(self, repo_id: str, tokenizer=None, **kwargs) -> str:
-        """Upload to the Hugging Face Hub (optional extra ``hub``); see :func:`m3ae.pretrained.push_to_hub`."""
         return push_to_hub(self, repo_id, tokenizer, **kwargs)
 
     def _type(self, name: str) -> torch.Tensor | float:
@@ -311,15 +309,6 @@ class M3AE(nn.Module):
         if t > self.config.max_text_len:
             raise ValueError(f"caption length {t} exceeds max_text_len={self.config.max_text_len}")
         return self.text_embed(text) + self.enc_text_pos[:, :t] + self._type("encoder_text_type")
-
-    @staticmethod
-    def _encoder_stream(x: torch.Tensor, valid: torch.Tensor, mask_ratio: float, generator, noise,
-                        all_valid: bool = False) -> tuple[torch.Tensor, Masking]:
-        """Embedded tokens of one modality -> the kept ones (the encoder's slots) and their masking."""
-        if mask_ratio > 0:
-            m = random_masking(valid, mask_ratio, generator=generator, noise=noise, all_valid=all_valid)
-            return gather_tokens(x, m.ids_keep), m
-        return x, no_masking(valid, all_valid=all_valid)
 
     def forward_encoder(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
                         text_padding_mask: torch.Tensor | None = None,
@@ -350,7 +339,7 @@ class M3AE(nn.Module):
             all_valid = image_valid is None
             valid = (torch.ones(b, n, dtype=torch.bool, device=image.device) if all_valid
                      else image_valid.bool()[:, None].expand(b, n))
-            x_img, img_m = self._encoder_stream(x_img, valid, image_mask_ratio, generator, image_noise, all_valid)
+            x_img, img_m = keep_tokens(x_img, valid, image_mask_ratio, generator, image_noise, all_valid)
             parts.append(x_img)
             valids.append(img_m.slot_valid)
             needs_mask |= not all_valid
@@ -359,8 +348,7 @@ class M3AE(nn.Module):
             if text_padding_mask is None:
                 text_padding_mask = torch.zeros_like(text, dtype=torch.bool)
             text_valid = ~text_padding_mask.bool()
-            x_txt, txt_m = self._encoder_stream(self.embed_text(text), text_valid, text_mask_ratio, generator,
-                                                text_noise)
+            x_txt, txt_m = keep_tokens(self.embed_text(text), text_valid, text_mask_ratio, generator, text_noise)
             parts.append(x_txt)
             valids.append(txt_m.slot_valid)
             needs_mask = True
@@ -373,19 +361,6 @@ class M3AE(nn.Module):
         return EncoderOutput(latent, key_valid, img_m, txt_m, image_valid, text_valid, inter), patches
 
     # ------------------------------------------------------------------- decoder
-    def _decoder_stream(self, y: torch.Tensor, m: Masking, mask_token: torch.Tensor,
-                        pos: torch.Tensor, type_emb) -> torch.Tensor:
-        """Encoder slots of one modality -> full-length decoder tokens in original order."""
-        b, length = m.ids_restore.shape
-        if m.complete:  # unmasked: every slot holds its own token (padding too, as officially)
-            return y + pos[:, :length] + type_emb
-        # Slots past a sample's kept count hold dropped tokens: hide them behind the mask token.
-        y = torch.where(m.slot_valid[..., None], y, mask_token.to(y.dtype))
-        if y.shape[1] < length:
-            y = torch.cat([y, mask_token.to(y.dtype).expand(b, length - y.shape[1], -1)], dim=1)
-        y = gather_tokens(y, m.ids_restore)
-        return y + pos[:, :length] + type_emb
-
     def forward_decoder(self, enc: EncoderOutput):
         """Decoder over CLS + every image position + every caption position.
 
@@ -407,8 +382,7 @@ class M3AE(nn.Module):
                 lengths.append(0)
                 continue
             n = m.ids_restore.shape[1]
-            parts.append(self._decoder_stream(y[:, start:start + m.num_slots], m, mask_token, pos,
-                                              self._type(type_name)))
+            parts.append(restore_tokens(y[:, start:start + m.num_slots], m, mask_token, pos, self._type(type_name)))
             start += m.num_slots
             if attended is None:
                 valids.append(torch.ones(b, n, dtype=torch.bool, device=y.device))
@@ -478,19 +452,62 @@ class M3AE(nn.Module):
         return (enc.latent, enc.intermediates) if return_intermediates else enc.latent
 
     # ------------------------------------------------------------ pooled features
-    def _check_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, pool: str = "cls", blocks=None):
+        """Image features (B, emb_dim): the encoder's CLS token (``pool="cls"``) or the mean of
+        its patch tokens (``"mean"``), for unmasked normalised images (B, 3, H, W) or (3, H, W).
+        The numbers ``m3ae embed --modality image`` writes. ``blocks`` (``"all"`` or a list of
+        block indices, None for the final output) gives a list of features, one per layer, from
+        the same pass (each block's residual stream, before the final LayerNorm), as timm's
+        ``forward_intermediates``."""
+        return self.encode(images, None, pool=pool, blocks=blocks)
+
+    def encode_text(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                    pool: str = "cls", blocks=None):
+        """Caption features (B, emb_dim) from token ids (B, T) and their padding mask (True =
+        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``.
+        ``blocks``: as in :meth:`encode_image`."""
+        return self.encode(None, ids, padding_mask, pool, blocks)
+
+    def encode(self, images: torch.Tensor | None, ids: torch.Tensor | None, padding_mask: torch.Tensor | None = None,
+               pool: str = "cls", blocks=None):
+        """Joint features (B, emb_dim) of images and their captions in one encoder pass (the
+        mean runs over the patches and the caption's real tokens); either may be None.
+        ``blocks``: as in :meth:`encode_image`."""
+        images, ids, padding_mask = check_inputs(images, ids, padding_mask, self.config.in_chans)
+        enc, _ = self.forward_encoder(images, ids, padding_mask, return_intermediates=blocks is not None)
+        if blocks is None:
+            return pool_tokens(enc.latent, enc.key_valid, pool)
+        return [pool_tokens(enc.latent if b is None else enc.intermediates[b], enc.key_valid, pool)
+                for b in resolve_blocks(blocks, self.config.depth)]
+
+    @torch.no_grad()
+    def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                       text_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-layer encoder attention weights (B, heads, N, N) for full, unmasked inputs."""
+        inputs = []  # each block's attention input (normalised residual stream, mask), seen in one pass
+        hooks = [blk.attn.register_forward_pre_hook(lambda _, args: inputs.append(args))
+                 for blk in self.encoder.blocks]
+        try:
+            self.forward_encoder(image, text, text_padding_mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        return [blk.attn(*args, return_attention=True)[1] for blk, args in zip(self.encoder.blocks, inputs)]
+
+
+def check_inputs(images, ids, padding_mask, in_chans: int = 3):
+    """The pooled-feature methods' inputs, checked with one-line errors: unbatched ones get a
+    batch dimension; images must be normalised floats, ids integers."""
+    if images is not None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():
             got = type(images).__name__ if not isinstance(images, torch.Tensor) else f"a {images.dtype} tensor"
             raise ValueError(f"images must be normalised float tensors (B, 3, H, W) from the model's "
                              f"transform, got {got}")
         if images.dim() == 3:  # one image from the transform
             images = images[None]
-        if images.dim() != 4 or images.shape[1] != self.config.in_chans:
-            raise ValueError(f"images must be (B, {self.config.in_chans}, H, W), got {tuple(images.shape)}")
-        return images
-
-    @staticmethod
-    def _check_text(ids: torch.Tensor, padding_mask: torch.Tensor | None):
+        if images.dim() != 4 or images.shape[1] != in_chans:
+            raise ValueError(f"images must be (B, {in_chans}, H, W), got {tuple(images.shape)}")
+    if ids is not None:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
             raise ValueError("ids must be an integer tensor (B, T) from the tokenizer: "
                              "ids, padding_mask = tokenizer(captions)")
@@ -499,67 +516,9 @@ class M3AE(nn.Module):
             padding_mask = None if padding_mask is None else padding_mask.reshape(1, -1)
         if padding_mask is not None and padding_mask.shape != ids.shape:
             raise ValueError(f"padding_mask {tuple(padding_mask.shape)} does not match ids {tuple(ids.shape)}")
-        return ids, padding_mask
-
-    def _pooled(self, image, text, padding_mask, pool: str, blocks):
-        """One encoder pass -> pooled features of the final output, or with ``blocks`` a list
-        of them, one per layer (see :func:`m3ae.ops.resolve_blocks`; None = the final output)."""
-        enc, _ = self.forward_encoder(image, text, padding_mask, return_intermediates=blocks is not None)
-        if blocks is None:
-            return pool_tokens(enc.latent, enc.key_valid, pool)
-        return [pool_tokens(enc.latent if b is None else enc.intermediates[b], enc.key_valid, pool)
-                for b in resolve_blocks(blocks, self.config.depth)]
-
-    def encode_image(self, images: torch.Tensor, pool: str = "cls", blocks=None):
-        """Image features (B, emb_dim): the encoder's CLS token (``pool="cls"``) or the mean of
-        its patch tokens (``"mean"``), for unmasked normalised images (B, 3, H, W) or (3, H, W).
-        The numbers ``m3ae embed --modality image`` writes. ``blocks`` (``"all"`` or a list of
-        block indices, None for the final output) gives a list of features, one per layer, from
-        the same pass (each block's residual stream, before the final LayerNorm), as timm's
-        ``forward_intermediates``."""
-        return self._pooled(self._check_images(images), None, None, pool, blocks)
-
-    def encode_text(self, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-                    pool: str = "cls", blocks=None):
-        """Caption features (B, emb_dim) from token ids (B, T) and their padding mask (True =
-        padding; the mean leaves padding out): ``model.encode_text(*tokenizer(captions))``.
-        ``blocks``: as in :meth:`encode_image`."""
-        ids, padding_mask = self._check_text(ids, padding_mask)
-        return self._pooled(None, ids, padding_mask, pool, blocks)
-
-    def encode(self, images: torch.Tensor, ids: torch.Tensor, padding_mask: torch.Tensor | None = None,
-               pool: str = "cls", blocks=None):
-        """Joint features (B, emb_dim) of images and their captions in one encoder pass (the
-        mean runs over the patches and the caption's real tokens). ``blocks``: as in
-        :meth:`encode_image`."""
-        images = self._check_images(images)
-        ids, padding_mask = self._check_text(ids, padding_mask)
-        if ids.shape[0] != images.shape[0]:
+        if images is not None and ids.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {ids.shape[0]} captions")
-        return self._pooled(images, ids, padding_mask, pool, blocks)
-
-    @torch.no_grad()
-    def attention_maps(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None,
-                       text_padding_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Per-layer encoder attention weights (B, heads, N, N) for full, unmasked inputs."""
-        enc, _ = self.forward_encoder(image, text, text_padding_mask, return_intermediates=True)
-        # Recompute each block's attention from the block inputs.
-        x = [self._encoder_input(image, text)] + enc.intermediates[:-1]
-        mask = None if enc.key_valid is None else enc.key_valid[:, None, None, :]
-        maps = []
-        for blk, h in zip(self.encoder.blocks, x):
-            _, w = blk.attn(blk.norm1(h), mask, return_attention=True)
-            maps.append(w)
-        return maps
-
-    def _encoder_input(self, image, text) -> torch.Tensor:
-        ref = image if image is not None else text
-        parts = [self.cls_token.expand(ref.shape[0], -1, -1)]
-        if image is not None:
-            parts.append(self.embed_image(image)[0])
-        if text is not None:
-            parts.append(self.embed_text(text))
-        return torch.cat(parts, dim=1)
+    return images, ids, padding_mask
 
 
 # Config fields that do not change the weights' shapes or meaning: a pretrained model of a
@@ -586,6 +545,4 @@ def create_model(preset: str = "base", pretrained=None, **overrides) -> M3AE:
     if diff:
         raise ValueError(f"{pretrained} is not a {preset!r} model: it has " + ", ".join(diff)
                          + "; pass those as overrides or load it with m3ae.load_pretrained")
-    model = M3AE(cfg)
-    load_state_dict_checked(model, read_weights(directory), strict=True)
-    return model
+    return load_weights(M3AE(cfg), directory)

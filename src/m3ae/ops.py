@@ -186,6 +186,31 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def keep_tokens(x: torch.Tensor, valid: torch.Tensor, mask_ratio: float, generator=None, noise=None,
+                all_valid: bool = False) -> tuple[torch.Tensor, Masking]:
+    """Embedded tokens of one modality (B, L, D) -> the kept ones (the encoder's slots) and
+    their masking; ``mask_ratio`` 0 keeps every token in order."""
+    if mask_ratio > 0:
+        m = random_masking(valid, mask_ratio, generator=generator, noise=noise, all_valid=all_valid)
+        return gather_tokens(x, m.ids_keep), m
+    return x, no_masking(valid, all_valid=all_valid)
+
+
+def restore_tokens(y: torch.Tensor, m: Masking, mask_token: torch.Tensor, pos: torch.Tensor,
+                   type_emb) -> torch.Tensor:
+    """Encoder slots of one modality -> full-length decoder tokens in the original order, the
+    dropped ones replaced by ``mask_token``, plus positions and type (:func:`keep_tokens` undone)."""
+    b, length = m.ids_restore.shape
+    if m.complete:  # unmasked: every slot holds its own token (padding too, as officially)
+        return y + pos[:, :length] + type_emb
+    # Slots past a sample's kept count hold dropped tokens: hide them behind the mask token.
+    y = torch.where(m.slot_valid[..., None], y, mask_token.to(y.dtype))
+    if y.shape[1] < length:
+        y = torch.cat([y, mask_token.to(y.dtype).expand(b, length - y.shape[1], -1)], dim=1)
+    y = gather_tokens(y, m.ids_restore)
+    return y + pos[:, :length] + type_emb
+
+
 POOLS = ("cls", "mean")
 
 

@@ -1,8 +1,9 @@
 """Pretrained directories: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``).
 
-Reading and writing the files only: this module knows no model class (``M3AE.from_pretrained``
-builds the model from :func:`read_model_config` and :func:`read_weights`), so the dependency
-runs one way, ``model`` -> ``pretrained``.
+Saving, loading and hub upload live here as functions; ``M3AE.save_pretrained`` /
+``from_pretrained`` / ``push_to_hub`` are one-line delegations. This module knows no model
+class (:func:`from_pretrained` is handed it), so the dependency runs one way, ``model`` ->
+``pretrained``.
 
 The layout of a Hugging Face Hub model repository, so ``huggingface_hub`` can push and pull
 it. Training checkpoints use the same layout plus a ``trainer_state.pt``.
@@ -91,7 +92,10 @@ def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: 
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt", "m3ae_version": __version__})
-    config = {"architecture": "M3AE", "m3ae_version": __version__, **asdict(model.config), **(extra or {})}
+    # norm_pix_loss: whether the image head predicts per-patch normalised pixels (the trainer
+    # passes train.norm_pix_loss in ``extra``), so pictures un-normalise without being told.
+    config = {"architecture": "M3AE", "m3ae_version": __version__, **asdict(model.config),
+              "norm_pix_loss": bool(getattr(model, "norm_pix_loss", False)), **(extra or {})}
     write_json_atomic(directory / CONFIG_NAME, config)
     if tokenizer is not None:
         tokenizer.save(str(directory / TOKENIZER_NAME))
@@ -100,16 +104,38 @@ def save_pretrained(model, directory: str | os.PathLike, tokenizer=None, extra: 
     return directory
 
 
-def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+def read_config_json(directory: str | os.PathLike) -> dict:
+    """A pretrained folder's ``config.json``: the model's config fields and what else was recorded."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a pretrained M3AE folder: {CONFIG_NAME} is missing")
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is damaged: not valid JSON ({e})") from None
+
+
+def read_model_config(directory: str | os.PathLike) -> ModelConfig:
+    raw = read_config_json(directory)
     known = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_weights(model: torch.nn.Module, directory: str | os.PathLike, map_location: str = "cpu",
+                 strict: bool = True) -> torch.nn.Module:
+    """Load a pretrained folder's (or checkpoint's) weights into ``model``, and what it
+    predicts (``norm_pix_loss``); mismatches are named."""
+    load_state_dict_checked(model, read_weights(directory, map_location), strict=strict)
+    model.norm_pix_loss = bool(read_config_json(directory).get("norm_pix_loss", False))
+    return model
+
+
+def from_pretrained(model_class, name_or_path: str | os.PathLike, map_location: str = "cpu",
+                    revision: str | None = None, strict: bool = True):
+    """``model_class`` (:class:`m3ae.M3AE`) built from a pretrained folder, or a Hub repo id
+    already in the local HF cache (no downloads; see :func:`resolve_pretrained`)."""
+    directory = resolve_pretrained(name_or_path, revision)
+    return load_weights(model_class(read_model_config(directory)), directory, map_location, strict)
 
 
 def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -119,7 +145,8 @@ def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = N
         return path
     name = str(name_or_path)
     # Only names shaped like a repo id ("name" or "owner/name") are looked up in the cache.
-    if name.count("/") <= 1 and not name.startswith((".", "/", "~")):
+    repo_shaped = name.count("/") <= 1 and not name.startswith((".", "/", "~"))
+    if repo_shaped:
         try:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
@@ -129,11 +156,12 @@ def resolve_pretrained(name_or_path: str | os.PathLike, revision: str | None = N
             weights = try_to_load_from_cache(name, WEIGHTS_NAME, revision=revision)
             if isinstance(config, str) and isinstance(weights, str) and os.path.isfile(weights):
                 return Path(config).parent
+    hint = (f" Fetch it once with `huggingface-cli download {name}` (needs `pip install m3ae[hub]` and "
+            "network), then load it again by the same name." if repo_shaped else "")
     raise FileNotFoundError(
-        f"{name!r} is neither a pretrained folder on disk nor a model (config.json and "
-        f"model.safetensors) in the local Hugging Face cache, and m3ae never downloads on its own. "
-        f"Fetch it once with `huggingface-cli download {name}` (needs `pip install m3ae[hub]` and "
-        "network), then load it again by the same name.")
+        f"{name!r} does not exist: it is neither a pretrained folder on disk (config.json and "
+        "model.safetensors, e.g. RUN/final) nor a model in the local Hugging Face cache, and m3ae "
+        f"never downloads on its own.{hint}")
 
 
 def read_weights(directory: str | os.PathLike, map_location: str = "cpu") -> dict[str, torch.Tensor]:

@@ -24,6 +24,14 @@ from .tokenizer import TextTokenizer
 __all__ = ["fill_mask", "reconstruct", "zero_shot", "Reconstruction"]
 
 
+def _require_tokenizer(tokenizer, task: str) -> None:
+    """One line instead of an AttributeError deep inside, for a model folder without a tokenizer."""
+    if tokenizer is None:
+        raise ValueError(f"{task} needs the model's tokenizer, and it was given None (a model folder without "
+                         "tokenizer.json: add one with `m3ae convert-official CHECKPOINT OUT --tokenizer VOCAB`, "
+                         "or load one with m3ae.get_tokenizer(PATH))")
+
+
 def _images(model: M3AE, image) -> torch.Tensor | None:
     """Anything the transform takes, or normalised floats -> (B, 3, S, S) on the model's device."""
     if image is None:
@@ -48,8 +56,11 @@ def fill_mask(model: M3AE, tokenizer: TextTokenizer, image, text: str, top_k: in
 
     Example: ``fill_mask(model, tokenizer, image, "a picture of a [MASK] circle")`` ->
     ``[[("red", 0.97), ...]]``. Each ``[MASK]`` is one token; the others are predicted
-    together, each without seeing the rest.
+    together, each without seeing the rest. Only words the tokenizer can produce are ranked
+    (never special tokens, nor ids past its vocabulary when the model's is larger); the
+    probabilities are over those words.
     """
+    _require_tokenizer(tokenizer, "fill_mask")
     if not isinstance(text, str):
         raise TypeError(f"fill_mask takes one caption (a str), got {type(text).__name__}")
     if top_k < 1:
@@ -59,10 +70,12 @@ def fill_mask(model: M3AE, tokenizer: TextTokenizer, image, text: str, top_k: in
     x = _images(model, image)
     if x is not None and x.shape[0] != 1:
         raise ValueError(f"fill_mask takes one image, got {x.shape[0]}")
-    probs = hidden_token_logits(model, x, prompt, 1)[0].float().softmax(-1)  # (T, V)
+    logits = hidden_token_logits(model, x, prompt, 1)[0].float()  # (T, V)
+    words = tokenizer.word_mask(logits.shape[-1]).to(logits.device)
+    probs = logits.masked_fill(~words, float("-inf")).softmax(-1)
     out = []
     for pos in prompt.hidden.nonzero()[:, 0].tolist():
-        p, ids = probs[pos].topk(min(top_k, probs.shape[-1]))
+        p, ids = probs[pos].topk(min(top_k, int(words.sum())))
         out.append([(w, float(q)) for w, q in zip(tokenizer.decode_tokens(ids.tolist()), p.tolist())])
     return out
 
@@ -85,22 +98,23 @@ def _pil(x: torch.Tensor):
 
 
 @torch.no_grad()
-def reconstruct(model: M3AE, image, caption: str | None = None, mask_ratio: float = 0.75, seed: int = 0, *,
-                tokenizer: TextTokenizer | None = None, norm_pix_loss: bool = False) -> Reconstruction:
+def reconstruct(model: M3AE, tokenizer: TextTokenizer | None, image, caption: str | None = None,
+                mask_ratio: float = 0.75, seed: int = 0, *, norm_pix_loss: bool | None = None) -> Reconstruction:
     """Hide ``mask_ratio`` of the image's patches (a draw fixed by ``seed``) and reconstruct
-    them, from the visible patches alone and, with ``caption`` (needs ``tokenizer``), from the
-    visible patches and the whole caption: the same patches hidden in both.
+    them, from the visible patches alone and, with ``caption`` (needs ``tokenizer``; None will
+    do without one), from the visible patches and the whole caption: the same patches hidden
+    in both. The arguments come in the order of :func:`fill_mask` and :func:`zero_shot`.
 
-    ``norm_pix_loss``: whether the model was trained to predict per-patch normalised pixels
-    (``train.norm_pix_loss``); the prediction is then shown in the input's patch statistics.
+    ``norm_pix_loss``: whether the model predicts per-patch normalised pixels; None (default)
+    reads it from the model (``model.norm_pix_loss``, recorded in its folder from
+    ``train.norm_pix_loss``). The prediction is then shown in the input's patch statistics.
     """
     from .visualize import reconstruction_images
 
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    if caption is not None and tokenizer is None:
-        raise ValueError("reconstruct(caption=...) needs the model's tokenizer: reconstruct(model, image, "
-                         "caption, tokenizer=tokenizer)")
+    if caption is not None:
+        _require_tokenizer(tokenizer, "reconstruct with a caption")
     x = _images(model, image)
     if x.shape[0] != 1:
         raise ValueError(f"reconstruct takes one image, got {x.shape[0]}")
@@ -128,6 +142,7 @@ def zero_shot(model: M3AE, tokenizer: TextTokenizer, image, class_names: list[st
     name hidden and the image visible. ``calibrate`` subtracts the same score with no image,
     so what counts is what the image adds.
     """
+    _require_tokenizer(tokenizer, "zero_shot")
     if not class_names:
         raise ValueError("zero_shot needs at least one class name")
     model.eval()

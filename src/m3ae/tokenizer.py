@@ -109,11 +109,19 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
 
 class TextTokenizer:
     """Captions -> fixed-length id tensors and padding masks: a WordPiece ``tokenizers.Tokenizer``
-    cut or padded to ``text_len`` (the model's text input; not a network)."""
+    cut or padded to ``text_len`` (the model's text input; not a network).
 
-    def __init__(self, tokenizer: Tokenizer, text_len: int = 64):
+    The one tokenizer class: the data path's collator and :func:`m3ae.load_pretrained` /
+    :func:`m3ae.get_tokenizer` both hand out this. ``tokenizer("a red circle")`` or
+    ``tokenizer([...])`` -> ``(ids, padding_mask)``, both (B, text_len), True at padding;
+    ``decode(ids)`` -> text. With ``warn_truncation`` (what ``get_tokenizer`` sets) a caption
+    cut to ``text_len`` is said with a warning; the data path cuts silently, as documented.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, text_len: int = 64, warn_truncation: bool = False):
         self.tokenizer = tokenizer
         self.text_len = text_len
+        self.warn_truncation = warn_truncation
         pad = tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad is None else pad
         self.mask_id = tokenizer.token_to_id("[MASK]")
@@ -125,11 +133,23 @@ class TextTokenizer:
     def ids(self, caption: str) -> list[int]:
         return self.tokenizer.encode(caption, add_special_tokens=False).ids[: self.text_len]
 
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> ids (B, text_len) long, padding mask (B, text_len) bool (True = padding)."""
-        ids = torch.full((len(captions), self.text_len), self.pad_id, dtype=torch.long)
-        pad = torch.ones(len(captions), self.text_len, dtype=torch.bool)
-        for i, enc in enumerate(self.tokenizer.encode_batch(list(captions), add_special_tokens=False)):
+    def __call__(self, texts: str | list[str], warn: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> ids (B, text_len) long, padding mask (B, text_len) bool (True = padding);
+        ``warn`` overrides ``warn_truncation`` (the collator passes False)."""
+        warn = self.warn_truncation if warn is None else warn
+        if isinstance(texts, str):
+            texts = [texts]
+        elif not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"tokenizer takes a str or a list of str, got {type(texts).__name__}"
+                            + ("" if not isinstance(texts, (list, tuple)) else " holding non-strings"))
+        ids = torch.full((len(texts), self.text_len), self.pad_id, dtype=torch.long)
+        pad = torch.ones(len(texts), self.text_len, dtype=torch.bool)
+        for i, enc in enumerate(self.tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+            if warn and len(enc.ids) > self.text_len:
+                import warnings
+
+                warnings.warn(f"caption truncated to the model's {self.text_len} tokens (it has "
+                              f"{len(enc.ids)}): {texts[i][:60]!r}", stacklevel=2)
             row = enc.ids[: self.text_len]
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             pad[i, : len(row)] = False
@@ -138,41 +158,33 @@ class TextTokenizer:
     def decode_tokens(self, ids: Iterable[int]) -> list[str]:
         return [self.tokenizer.id_to_token(int(i)) or "[UNK]" for i in ids]
 
-
-class CaptionTokenizer(TextTokenizer):
-    """The user-facing tokenizer of :func:`m3ae.load_pretrained` / :func:`m3ae.get_tokenizer`:
-    a :class:`TextTokenizer` that also takes a single string and says when it truncates.
-
-    ``tokenizer("a red circle")`` or ``tokenizer([...])`` -> ``(ids, padding_mask)``, both
-    (B, text_len), the padding mask True at padding; ``tokenizer.decode(ids)`` -> words.
-    """
-
-    def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(texts, str):
-            texts = [texts]
-        elif not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise TypeError(f"tokenizer takes a str or a list of str, got {type(texts).__name__}"
-                            + ("" if not isinstance(texts, (list, tuple)) else " holding non-strings"))
-        for t in texts:
-            n = len(self.tokenizer.encode(t, add_special_tokens=False).ids)
-            if n > self.text_len:
-                import warnings
-
-                warnings.warn(f"caption truncated to the model's {self.text_len} tokens (it has {n}): "
-                              f"{t[:60]!r}", stacklevel=2)
-        return super().__call__(list(texts))
-
     def decode(self, ids: Iterable[int], skip_padding: bool = True) -> str:
         """Token ids -> text (WordPiece pieces joined), padding left out."""
         ids = [int(i) for i in ids if not (skip_padding and int(i) == self.pad_id)]
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
+    def save(self, path: str | Path) -> None:
+        """Write the WordPiece tokenizer as ``tokenizer.json`` (what ``save_pretrained`` stores)."""
+        self.tokenizer.save(str(path))
+
+    def word_mask(self, size: int) -> torch.Tensor:
+        """(size,) bool, True at the ids this tokenizer produces for words: below its
+        vocabulary size (a model's vocabulary may be larger) and not a special token."""
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[: min(size, self.vocab_size)] = True
+        for tok in SPECIAL_TOKENS:
+            i = self.tokenizer.token_to_id(tok)
+            if i is not None and i < size:
+                mask[i] = False
+        return mask
+
 
 def __getattr__(name: str):
-    # TextEncoder was this class's first name; "text encoder" means a network in multimodal code.
-    if name == "TextEncoder":
+    # Earlier names of TextTokenizer: TextEncoder ("text encoder" means a network in multimodal
+    # code), and CaptionTokenizer, the user-facing subclass it now folds in.
+    if name in ("TextEncoder", "CaptionTokenizer"):
         import warnings
 
-        warnings.warn("m3ae.tokenizer.TextEncoder is now TextTokenizer", DeprecationWarning, stacklevel=2)
+        warnings.warn(f"m3ae.tokenizer.{name} is now TextTokenizer", DeprecationWarning, stacklevel=2)
         return TextTokenizer
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

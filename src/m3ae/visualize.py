@@ -29,12 +29,16 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
 
 @torch.no_grad()
-def reconstruction_images(model, image: torch.Tensor, out, norm_pix_loss: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reconstruction_images(model, image: torch.Tensor, out, norm_pix_loss: bool | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (original, masked, reconstruction with visible patches pasted back), pixels in [0, 1].
 
-    With a per-patch normalised target (norm_pix_loss) the prediction is put back in the
-    input's patch statistics before display, as MAE's visualisation does.
+    With a per-patch normalised target (norm_pix_loss; None: what the model's folder recorded,
+    ``model.norm_pix_loss``) the prediction is put back in the input's patch statistics before
+    display, as MAE's visualisation does.
     """
+    if norm_pix_loss is None:
+        norm_pix_loss = getattr(model, "norm_pix_loss", False)
     p = model.config.patch_size
     target = patchify(image, p)
     pred = out.image_pred.float()
@@ -68,7 +72,7 @@ def caption_with_predictions(text_tokenizer, ids, padding, text_mask, logits_row
 
 @torch.no_grad()
 def save_reconstruction_grid(model, batch: dict, path: str | Path, text_tokenizer=None, n: int = 6,
-                             generator: torch.Generator | None = None, norm_pix_loss: bool = False) -> Path:
+                             generator: torch.Generator | None = None, norm_pix_loss: bool | None = None) -> Path:
     """A PNG with one row per sample: original, masked, reconstruction (+ caption predictions)."""
     device = next(model.parameters()).device
     image = batch["image"][:n].to(device)

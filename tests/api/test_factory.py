@@ -71,14 +71,62 @@ def test_missing_model_is_one_line_and_never_downloads(tmp_path):
 
 
 def test_list_models_counts_parameters():
-    models = {m.name: m for m in m3ae.list_models()}
+    models = {name: m3ae.model_info(name) for name in m3ae.list_models()}
     tiny = m3ae.create_model("tiny")
     assert models["tiny"].params == sum(p.numel() for p in tiny.parameters())
     assert models["tiny"].encoder_params == sum(
         p.numel() for n, p in tiny.named_parameters()
         if n.startswith(("patch_embed", "text_embed", "cls_token", "encoder.", "encoder_")))
-    assert set(models) == set(m3ae.PRESETS)
+    aliases = {f"m3ae_{size}_patch16" for size in ("small", "base", "large", "huge")}
+    assert set(models) | aliases == set(m3ae.PRESETS)
     assert models["base"].emb_dim == 768 and 1.4e8 < models["base"].params < 1.6e8
+
+
+def test_list_models_gives_names_once_as_timm_and_open_clip_do():
+    names = m3ae.list_models()
+    assert names == ["tiny", "small", "base", "large", "huge"]  # names (str), each architecture once
+    assert "tiny" in names and all(isinstance(n, str) for n in names)
+    alias = m3ae.model_info("m3ae_base_patch16")  # an alias is not listed, but every name works
+    assert alias._replace(name="base") == m3ae.model_info("base")
+    assert m3ae.create_model("m3ae_small_patch16").config.emb_dim == 384
+
+
+def test_one_tokenizer_class_and_deprecated_names(api_model_dir):
+    from m3ae.data import Collator
+    from m3ae.tokenizer import TextTokenizer
+
+    model, tokenizer, _ = m3ae.load_pretrained(api_model_dir, device="cpu")
+    assert type(tokenizer) is TextTokenizer and type(m3ae.get_tokenizer(api_model_dir)) is TextTokenizer
+    with pytest.warns(DeprecationWarning, match="CaptionTokenizer is now m3ae.TextTokenizer"):
+        assert m3ae.CaptionTokenizer is TextTokenizer
+    with pytest.warns(DeprecationWarning, match="load_model is deprecated"):
+        old_model, old_tokenizer = load_model(api_model_dir, "cpu")
+    assert type(old_tokenizer) is TextTokenizer
+    # The data path takes the same object and cuts long captions silently, as documented.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = Collator(tokenizer)([{"caption": " ".join(["red"] * 30), "key": "k"}])
+    assert batch["text"].shape == (1, 24) and not batch["text_padding_mask"].any()
+    # What load_pretrained returns can be saved beside the model again.
+    out = model.save_pretrained(api_model_dir.parent / "again", tokenizer)
+    assert m3ae.get_tokenizer(out)("a red circle")[0].tolist() == tokenizer("a red circle")[0].tolist()
+
+
+def test_a_folder_without_tokenizer_says_so_at_load(api_model_dir, tmp_path):
+    folder = tmp_path / "converted"
+    m3ae.M3AE.from_pretrained(api_model_dir).save_pretrained(folder)  # as convert-official without --tokenizer
+    with pytest.warns(UserWarning, match=r"holds no tokenizer.json.*convert-official.*--tokenizer.*get_tokenizer"):
+        model, tokenizer, _ = m3ae.load_pretrained(folder, device="cpu")
+    assert tokenizer is None
+    with pytest.raises(FileNotFoundError, match="holds no tokenizer.json"):
+        m3ae.load_pretrained(folder, device="cpu", need_tokenizer=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # image-only work: no warning
+        m3ae.load_pretrained(folder, device="cpu", need_tokenizer=False)
 
 
 def test_create_model_pretrained(api_model_dir):

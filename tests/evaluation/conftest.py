@@ -21,6 +21,6 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from m3ae.evaluation import load_model
+    from m3ae import load_pretrained
 
-    return load_model(tiny_model_dir, "cpu", need_tokenizer=True)
+    return load_pretrained(tiny_model_dir, "cpu", need_tokenizer=True)[:2]

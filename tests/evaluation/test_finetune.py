@@ -141,7 +141,7 @@ def _run(model, folder, run_dir=None, **kw):
 
 
 def test_finetune_by_steps_resumes_exactly_and_saves_each_milestone(tiny_model, tmp_path):
-    from m3ae.evaluation import load_model
+    from m3ae import load_pretrained
 
     model, _ = tiny_model
     folder = _image_folder(tmp_path / "data")
@@ -154,9 +154,9 @@ def test_finetune_by_steps_resumes_exactly_and_saves_each_milestone(tiny_model, 
         assert torch.equal(a, b), name
     assert [h.get("step") for h in whole.history] == [3, 6, 7] and whole.history == resumed.history
     for step in (3, 6):  # each milestone's encoder is a model folder of its own
-        saved, _ = load_model(tmp_path / "whole" / f"step_{step}")
+        saved = load_pretrained(tmp_path / "whole" / f"step_{step}", need_tokenizer=False)[0]
         assert saved.config == model.config
-    final, _ = load_model(tmp_path / "whole" / "step_6")
+    final = load_pretrained(tmp_path / "whole" / "step_6", need_tokenizer=False)[0]
     assert not torch.equal(final.encoder.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
 
 
@@ -178,7 +178,7 @@ def test_finetune_random_init_trains_the_architecture_from_scratch(tiny_model_di
     import json
 
     from m3ae.cli import main
-    from m3ae.evaluation import load_model
+    from m3ae import load_pretrained
     from m3ae.evaluation.finetune import Classifier
 
     folder = _image_folder(tmp_path / "data")
@@ -189,8 +189,8 @@ def test_finetune_random_init_trains_the_architecture_from_scratch(tiny_model_di
     res = json.loads((out / "results.json").read_text())
     assert res["trained"] == "all blocks from random weights"
     assert [h["step"] for h in res["history"]] == [2, 4]
-    pre, _ = load_model(tiny_model_dir)
-    saved, _ = load_model(out / "step_2")
+    pre = load_pretrained(tiny_model_dir, need_tokenizer=False)[0]
+    saved = load_pretrained(out / "step_2", need_tokenizer=False)[0]
     # The encoder trained away from its start; the decoder (never trained) is the seeded random
     # init (--seed 0), not the pre-trained decoder.
     torch.manual_seed(0)

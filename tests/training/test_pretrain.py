@@ -58,3 +58,29 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
     cfg = build_config("tiny", None, SMALL + ["model.vocab_size=10"])
     with pytest.raises(ValueError, match="vocab_size"):
         pretrain(cfg, tmp_path, progress=False)
+
+
+def test_logs_data_time_and_records_norm_pix_loss(tmp_path, monkeypatch):
+    import time
+
+    import m3ae
+    from m3ae.training import trainer
+
+    slow = trainer._BatchStream.__next__
+
+    def waiting(self):  # a loader that keeps every step waiting 50 ms for its batch
+        time.sleep(0.05)
+        return slow(self)
+
+    monkeypatch.setattr(trainer._BatchStream, "__next__", waiting)
+    cfg = build_config("tiny", None, SMALL + ["train.steps=4", "train.log_every=2", "train.ckpt_every=2",
+                                              "train.norm_pix_loss=true"])
+    pretrain(cfg, tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:  # open_clip / timm's data_time beside the step time, in seconds per step
+        assert 0.05 <= r["data_time"] < r["step_time"], r
+    # Every model folder the run writes says what the image head predicts; loading reads it.
+    for folder in (tmp_path / "final", *list_checkpoints(tmp_path)):
+        assert json.loads((folder / "config.json").read_text())["norm_pix_loss"] is True
+    assert m3ae.load_pretrained(tmp_path, device="cpu")[0].norm_pix_loss is True

@@ -22,11 +22,12 @@ def run(args) -> int:
 
     from ..device import resolve_device
     from ..evaluation.data import load_labelled, make_loader
-    from ..evaluation.features import extract_features, load_model
+    from ..evaluation.features import extract_features
+    from ..factory import load_pretrained
 
     if Path(args.output).suffix not in (".npy", ".safetensors"):
         raise ValueError(f"--output must end in .npy or .safetensors, got {args.output}")
-    model, te = load_model(args.model, resolve_device(args.device), need_tokenizer=args.modality != "image")
+    model, te, _ = load_pretrained(args.model, resolve_device(args.device), need_tokenizer=args.modality != "image")
     data = load_labelled(args.data, model.config.image_size, limit=args.limit)
     loader = make_loader(data, te if args.modality != "image" else None, args.batch_size)
     feats = extract_features(model, loader, args.modality, args.pool, args.block, not args.no_progress,

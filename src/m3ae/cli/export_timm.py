@@ -22,14 +22,14 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from ..factory import load_pretrained
     from ..interop.timm import to_timm
-    from ..model import M3AE
     from ..io import save_safetensors
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ValueError(f"{out}: the output must be a .safetensors file")
-    model = M3AE.from_pretrained(args.pretrained)
+    model = load_pretrained(args.pretrained, "cpu", need_tokenizer=False)[0]
     sd, kwargs = to_timm(model)
     save_safetensors(sd, out, metadata={"format": "pt", "timm_kwargs": json.dumps(kwargs)})
     print(f"wrote {out}: timm VisionTransformer, {sum(v.numel() for v in sd.values()):,} parameters")

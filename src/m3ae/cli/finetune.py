@@ -71,11 +71,11 @@ def _randaug(text: str) -> tuple[int, int] | None:
 def run(args) -> int:
     from ..device import resolve_device
     from ..evaluation.data import load_labelled, make_loader
-    from ..evaluation.features import load_model
     from ..evaluation.finetune import finetune
+    from ..factory import load_pretrained
 
     randaug = _randaug(args.randaug)
-    model, _ = load_model(args.model, resolve_device(args.device))
+    model = load_pretrained(args.model, resolve_device(args.device), need_tokenizer=False)[0]
     if args.random_init:
         from ..evaluation.features import random_init_model
 

@@ -39,8 +39,9 @@ def run(args) -> int:
     from ..device import resolve_device
     from ..evaluation.attention import save_attention_figure
     from ..evaluation.data import data_name, load_labelled, make_loader
-    from ..evaluation.features import extract_features, load_model
+    from ..evaluation.features import extract_features
     from ..evaluation.tsne import save_tsne
+    from ..factory import load_pretrained
     from ..visualize import save_reconstruction_grid
 
     what = [w.strip() for w in args.what.split(",") if w.strip()]
@@ -49,7 +50,7 @@ def run(args) -> int:
         raise ValueError(f"--what takes {', '.join(WHAT)}; got {', '.join(bad)}")
     layer = args.layer if args.layer == "rollout" else int(args.layer)
     device = resolve_device(args.device)
-    model, te = load_model(args.model, device, need_tokenizer="attention" in what)
+    model, te, _ = load_pretrained(args.model, device, need_tokenizer="attention" in what)
     out = Path(args.out)
     written = []
     if "recon" in what or "attention" in what:
@@ -71,7 +72,7 @@ def run(args) -> int:
         names = [s.strip() for s in args.names.split(",")]
         panels = []
         for i, path in enumerate([args.model] + ([args.compare] if args.compare else [])):
-            m = model if i == 0 else load_model(path, device)[0]
+            m = model if i == 0 else load_pretrained(path, device, need_tokenizer=False)[0]
             data = load_labelled(args.data, m.config.image_size, limit=args.tsne_samples)
             feats = extract_features(m, make_loader(data, batch_size=args.batch_size), progress=not args.no_progress,
                                      class_names=data.class_names, desc=f"features {i + 1}")

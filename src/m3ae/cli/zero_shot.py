@@ -26,14 +26,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..device import resolve_device
     from ..evaluation.data import load_labelled, make_loader
-    from ..evaluation.features import load_model
+    from ..factory import load_pretrained
     import sys
     from pathlib import Path
 
     from ..evaluation.data import data_name
     from ..evaluation.zero_shot import class_name_warnings, plot_confusion, zero_shot_classify
 
-    model, te = load_model(args.model, resolve_device(args.device), need_tokenizer=True)
+    model, te, _ = load_pretrained(args.model, resolve_device(args.device), need_tokenizer=True)
     data = load_labelled(args.data, model.config.image_size, limit=args.limit)
     names = [c.strip() for c in args.classes.split(",")] if args.classes else data.class_names
     if not names:

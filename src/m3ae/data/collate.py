@@ -51,7 +51,7 @@ class Collator:
             batch["image"] = batch["image_valid"] = None
         captions = [s.get("caption") for s in samples]
         if self.text_tokenizer is not None and any(c for c in captions):
-            ids, pad = self.text_tokenizer([c or "" for c in captions])
+            ids, pad = self.text_tokenizer([c or "" for c in captions], warn=False)  # cut silently, as documented
             batch["text"], batch["text_padding_mask"] = ids, pad
         else:
             batch["text"] = batch["text_padding_mask"] = None

@@ -31,10 +31,9 @@ import torch
 from ..config import Config, build_config
 from ..data.synthetic import COLOURS, SHAPES
 from ..io import atomic_write, read_jsonl
-from ..model import M3AE
+from ..factory import get_tokenizer, load_pretrained
 from ..reports.demo import next_steps, render_summary
 from ..reports.stats import pct  # noqa: F401  (the demo's tests format numbers with it)
-from ..tokenizer import TextTokenizer, load_tokenizer
 from ..training import pretrain
 from ..training.checkpoint import checkpoint_step, list_checkpoints
 from ..visualize import save_reconstruction_grid
@@ -98,8 +97,8 @@ def _train(cfg: Config, out_dir: Path, progress: bool, say) -> dict:
 
 def evaluate(out_dir: Path, cfg: Config, eval_samples: int, probe_sizes: tuple[int, int] = (2000, 1000)) -> dict:
     """Every measurement of the summary, on the trained model in ``out_dir/final``; writes the pictures."""
-    model = M3AE.from_pretrained(out_dir / "final").eval()
-    te = TextTokenizer(load_tokenizer(out_dir / "final"), cfg.data.text_len)
+    model = load_pretrained(out_dir / "final", device="cpu", need_tokenizer=True)[0]
+    te = get_tokenizer(out_dir / "final", cfg.data.text_len)  # the training caption length, not the model's longest
     batch, captions, objects = held_out(eval_samples, cfg.model.image_size, te)
     words = masked_word_accuracy(model, batch, word_sets(te))
     words |= {"samples": eval_samples, "chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(SHAPES)}}

@@ -28,11 +28,12 @@ from safetensors.numpy import load_file as load_np
 from tqdm.auto import tqdm
 
 from ..data import model_inputs
+from ..factory import load_pretrained
 from ..model import M3AE
 from ..io import atomic_write, save_safetensors
 from ..ops import POOLS, pool_tokens, resolve_blocks  # noqa: F401 (one pooling for every path, also M3AE.encode_*)
-from ..pretrained import TOKENIZER_NAME, WEIGHTS_NAME
-from ..tokenizer import TextTokenizer, load_tokenizer
+from ..pretrained import WEIGHTS_NAME
+from ..tokenizer import TextTokenizer
 from ..device import resolve_device  # noqa: F401 (also imported from here)
 
 MODALITIES = ("image", "text", "both")
@@ -95,22 +96,12 @@ def _npy_writer(array: np.ndarray):
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                need_tokenizer: bool = False) -> tuple[M3AE, TextTokenizer | None]:
-    """A pretrained folder -> (model in eval mode on ``device``, its text encoder or None)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"model folder {directory} does not exist (expected a pretrained folder "
-                                "with config.json and model.safetensors, e.g. RUN/final)")
-    model = M3AE.from_pretrained(directory).to(device).eval()
-    text_tokenizer = None
-    if (directory / TOKENIZER_NAME).is_file():
-        try:
-            tokenizer = load_tokenizer(directory / TOKENIZER_NAME)
-        except Exception as e:  # the tokenizers library's own error type
-            raise ValueError(f"{directory / TOKENIZER_NAME} is damaged ({type(e).__name__}: {e})") from None
-        text_tokenizer = TextTokenizer(tokenizer, model.config.max_text_len)
-    elif need_tokenizer:
-        raise FileNotFoundError(f"{directory} has no {TOKENIZER_NAME}; text inputs need the model's tokenizer")
-    return model, text_tokenizer
+    """Deprecated: ``m3ae.load_pretrained(directory, device)[:2]``, the one way in."""
+    import warnings
+
+    warnings.warn("m3ae.evaluation.load_model is deprecated: use m3ae.load_pretrained(path, device) "
+                  "-> (model, tokenizer, transform)", DeprecationWarning, stacklevel=2)
+    return load_pretrained(directory, device, need_tokenizer=need_tokenizer)[:2]
 
 
 def layer_name(block: int | None) -> str:
@@ -269,7 +260,7 @@ def cached_features(model_dir: str | Path, data, *, model: M3AE | None = None, t
     todo_blocks = [b for b in blocks if any((b, p) not in found for p in pools)]
     if todo_blocks:
         if model is None:
-            model, text_tokenizer = load_model(model_dir, device, need_tokenizer=modality != "image")
+            model, text_tokenizer, _ = load_pretrained(model_dir, device, need_tokenizer=modality != "image")
         loader = make_loader(data, text_tokenizer if modality != "image" else None, batch_size)
         fresh = extract_features(model, loader, modality, pools, todo_blocks, progress, data.class_names, desc)
         for b, by_pool in fresh.items():

@@ -91,19 +91,21 @@ def last_good_after_resume(ckpt: Path, state: dict) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, state: dict, tokenizer=None,
-                    keep_last: int = 3, keep_every: int = 0, protect: Path | None = None) -> Path:
+                    keep_last: int = 3, keep_every: int = 0, protect: Path | None = None,
+                    extra: dict | None = None) -> Path:
     """Write ``RUN/checkpoints/step_N`` atomically, then prune older ones.
 
     ``model`` is a module or a :class:`WeightsView`. A checkpoint with non-finite weights is
     refused (``FloatingPointError``): resuming from it could never recover. ``protect`` (the
     last checkpoint written before a streak of non-finite steps began) is never pruned, so
-    checkpoints written during the streak cannot push it out.
+    checkpoints written during the streak cannot push it out. ``extra`` goes into ``config.json``
+    (see :func:`m3ae.pretrained.save_pretrained`).
     """
     if not weights_are_finite(model):
         raise FloatingPointError(f"refusing to write a checkpoint with non-finite weights at step {step}")
 
     def write(folder: Path) -> None:
-        save_pretrained(model, folder, tokenizer, manifest=False)
+        save_pretrained(model, folder, tokenizer, extra=extra, manifest=False)
         _crash_point("after_weights", step)
         with open(folder / STATE_NAME, "wb") as f:
             torch.save(state, f)

@@ -111,13 +111,14 @@ def _shared_tokenizer(cfg: Config, info: DistInfo, ckpt: Path | None):
     would number its tokens differently)."""
     from tokenizers import Tokenizer
 
+    from ..factory import get_tokenizer
     from ..pretrained import TOKENIZER_NAME
     from ..tokenizer import TextTokenizer
 
     text = None
     if info.is_main:
         if ckpt is not None and (ckpt / TOKENIZER_NAME).is_file():
-            text = (ckpt / TOKENIZER_NAME).read_text()
+            text = get_tokenizer(ckpt, cfg.data.text_len).tokenizer.to_str()  # the one way in
         else:
             text = build_text_tokenizer(cfg.data).tokenizer.to_str()
     text = broadcast_object(text, info)
@@ -291,13 +292,16 @@ class PretrainRun:
         tcfg, info = self.cfg.train, self.info
         bar = tqdm(range(self.start_step, self.end_step), initial=self.start_step, total=self.end_step,
                    disable=not (progress and info.is_main), desc="pretrain", dynamic_ncols=True, unit="step")
-        self._t_last, self._n_last = time.perf_counter(), 0
+        self._t_last, self._n_last, self._data_s, self._steps_last = time.perf_counter(), 0, 0.0, 0
         try:
             for step in bar:
+                t_wait = time.perf_counter()
                 try:
                     micro = [next(self.stream) for _ in range(tcfg.accum_steps)]
                 except Exception as e:
                     self._stop_together(e)
+                self._data_s += time.perf_counter() - t_wait  # the time this step waited for its batches
+                self._steps_last += 1
                 self._stop_together(None)
                 if self.vis_batch is None and micro[0].get("image") is not None:
                     self.vis_batch = micro[0]
@@ -384,14 +388,19 @@ class PretrainRun:
 
     def _log(self, done: int, bar) -> None:
         now = time.perf_counter()
-        row = {"step": done, **self.step.metrics(), "samples_per_s": self._n_last / max(now - self._t_last, 1e-9)}
+        steps = max(self._steps_last, 1)
+        # step_time: wall time per step; data_time: the part of it spent waiting for the batch
+        # (open_clip's and timm's names): data_time near step_time means the loader is the bottleneck.
+        row = {"step": done, **self.step.metrics(), "samples_per_s": self._n_last / max(now - self._t_last, 1e-9),
+               "step_time": (now - self._t_last) / steps, "data_time": self._data_s / steps}
         data = _data_counts(self.loader, self.info)  # a collective: every rank logs here
         row.update(data.metrics())
-        self._t_last, self._n_last = now, 0
+        self._t_last, self._n_last, self._data_s, self._steps_last = now, 0, 0.0, 0
         self.history.append(row)
         self._on_main(self.logger.log, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", img=f"{row['image_loss']:.3f}", txt=f"{row['text_loss']:.3f}",
                         acc=f"{row['text_accuracy']:.2f}", sps=f"{row['samples_per_s']:.0f}",
+                        data=f"{row['data_time']:.3f}s/{row['step_time']:.3f}s",
                         **({"skipped": data.postfix()} if data.postfix() else {}))
 
     def _save(self, done: int) -> Path | None:
@@ -411,7 +420,7 @@ class PretrainRun:
             try:
                 path = save_checkpoint(self.run_dir, done, weights, state, self.text_tokenizer.tokenizer,
                                        keep_last=cfg.train.keep_last, keep_every=cfg.train.keep_every,
-                                       protect=last_good if streak else None)
+                                       protect=last_good if streak else None, extra=self._recorded())
             except CheckpointWriteError as e:
                 problem = str(e)
         # Nobody runs ahead (or exits) while rank 0 is still writing, and all stop if it failed.
@@ -420,6 +429,10 @@ class PretrainRun:
             raise CheckpointWriteError(problem)
         self.saved_at = done
         return path
+
+    def _recorded(self) -> dict:
+        """What a model folder records beside the model config: the image head's target."""
+        return {"norm_pix_loss": self.cfg.train.norm_pix_loss}
 
     def finish(self) -> PretrainResult:
         done_any = self.end_step > self.start_step
@@ -430,7 +443,8 @@ class PretrainRun:
                 from ..pretrained import save_pretrained
 
                 try:
-                    save_pretrained(weights, self.run_dir / "final", self.text_tokenizer.tokenizer)
+                    save_pretrained(weights, self.run_dir / "final", self.text_tokenizer.tokenizer,
+                                    extra=self._recorded())
                 except OSError as e:
                     problem = (f"could not write the final model to {self.run_dir / 'final'}: {e.strerror or e}"
                                f"{f' at {e.filename}' if e.filename else ''}; the checkpoints are intact "
@@ -471,9 +485,9 @@ def _write_run_files(cfg: Config, run_dir: Path, world: int) -> None:
 
 def _load_weights(model: M3AE, ckpt: Path) -> dict:
     """Load a checkpoint's weights into ``model``; return its trainer state."""
-    from ..pretrained import load_state_dict_checked, read_weights
+    from ..pretrained import load_weights
 
-    load_state_dict_checked(model, read_weights(ckpt))
+    load_weights(model, ckpt)  # what from_pretrained does, into the model built from this run's config
     return load_trainer_state(ckpt)
 
 

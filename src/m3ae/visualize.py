@@ -56,7 +56,10 @@ def reconstruction_images(model, image: torch.Tensor, out, norm_pix_loss: bool |
 def caption_with_predictions(text_tokenizer, ids, padding, text_mask, logits_row) -> str:
     """Caption tokens with masked ones shown as [true→predicted]."""
     words = []
-    pred = logits_row.argmax(-1) if logits_row is not None else None
+    pred = None
+    if logits_row is not None:  # only ids the tokenizer produces for words, as fill_mask ranks them
+        allowed = text_tokenizer.word_mask(logits_row.shape[-1]).to(logits_row.device)
+        pred = logits_row.masked_fill(~allowed, float("-inf")).argmax(-1)
     for j in range(ids.shape[0]):
         if padding[j]:
             break

@@ -272,7 +272,7 @@ def two_checkpoints(tiny, h, tmp_path_factory) -> Path:
 def test_a_damaged_checkpoint_is_passed_over_and_named(two_checkpoints, tmp_path, name, capsys):
     import shutil
 
-    from m3ae.evaluation.features import load_model
+    from m3ae import load_pretrained
     from m3ae.model import M3AE
 
     run = tmp_path / "run"
@@ -295,7 +295,7 @@ def test_a_damaged_checkpoint_is_passed_over_and_named(two_checkpoints, tmp_path
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and name in err and "Traceback" not in err, err
     else:
-        load_model(bad)  # the weights themselves are fine
+        load_pretrained(bad)  # the weights themselves are fine
     # Every checkpoint damaged: refused, not resumed from.
     DAMAGE[name](run / "checkpoints" / "step_00000002" / name)
     with pytest.raises(ValueError, match="none of the 2 checkpoint"):

@@ -361,8 +361,11 @@ class TextSource(IndexedSource):
                 col = _pick_column(text_column, cols, CAPTION_COLUMNS, "text", f"{f}", "data.text_column")
                 texts = [r.get(col) for r in rows]
             else:
-                with open(f, encoding="utf-8", errors="replace") as fh:
-                    texts = fh.read().splitlines()
+                raw = f.read_bytes()
+                if b"\0" in raw[:8192]:  # git's test for binary content: text never holds NUL
+                    raise DataError(f"{f} is not a text file (it holds binary data, e.g. an image or a "
+                                    "compressed archive); expected one caption per line")
+                texts = raw.decode("utf-8", errors="replace").splitlines()
             for n, t in enumerate(texts):
                 if t is not None and str(t).strip():
                     self.lines.append(str(t))

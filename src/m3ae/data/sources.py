@@ -182,6 +182,9 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
     raise DataError(f"{path}: unknown table type {suffix!r}; expected .csv, .tsv, .jsonl or .parquet")
 
 
+_REPORTED: set[tuple[str, int, int]] = set()  # tables whose repairs were reported (path, size, mtime)
+
+
 class TableSource(IndexedSource):
     """A CSV/TSV/JSONL/Parquet table with an image-path column and a caption column.
 
@@ -247,6 +250,13 @@ class TableSource(IndexedSource):
                 kept.append(r)
             else:
                 self.repairs["malformed_row"] += 1
+        # A run opens its table several times (the dataset, the caption scan, a from-data
+        # tokenizer): the same file's repairs are reported once per process.
+        st = Path(self.path).stat()
+        seen = (self.path, st.st_size, st.st_mtime_ns)
+        if seen in _REPORTED:
+            return kept
+        _REPORTED.add(seen)
         if self.repairs["extra_fields_joined"]:
             log.warning("%s: %d row(s) have more fields than the header (unquoted %r in a caption?), e.g. "
                         "line %d; the extra fields were joined into the caption column %r. Quote such "

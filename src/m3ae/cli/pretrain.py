@@ -66,7 +66,10 @@ def run(args) -> int:
             raise
         print(f"m3ae pretrain: error: {e}", file=sys.stderr)  # every rank: each log says why it stopped
         return 4
-    if main:
+    if main and result.start_step and result.start_step >= result.steps:
+        print(f"already finished: {result.run_dir} is at step {result.start_step} (train.steps={result.steps}); "
+              f"nothing was trained. To continue it, resume with a larger train.steps=N")
+    elif main:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}; "
               f"data: {result.data_summary}")
     return 0

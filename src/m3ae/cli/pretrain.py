@@ -48,6 +48,7 @@ def run(args) -> int:
         cfg = config_from_args(args)
     from ..training import TrainingDiverged
     from ..training.checkpoint import CheckpointWriteError
+    from ..training.loggers import MetricsWriteError
     from ..training.distributed import env_rank_info
     from ..training.trainer import RankFailed
 
@@ -61,7 +62,7 @@ def run(args) -> int:
         if main:
             print(f"m3ae pretrain: {e}", file=sys.stderr)
         return 3
-    except (CheckpointWriteError, RankFailed) as e:
+    except (CheckpointWriteError, MetricsWriteError, RankFailed) as e:
         if args.debug:
             raise
         print(f"m3ae pretrain: error: {e}", file=sys.stderr)  # every rank: each log says why it stopped

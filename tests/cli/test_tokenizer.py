@@ -27,7 +27,7 @@ def vocab(tmp_path) -> dict:
     return json.loads((tmp_path / "tok.json").read_text())["model"]["vocab"]
 
 
-def test_shards_table_and_cache_give_the_tokenizer_of_their_captions(train, tmp_path):
+def test_shards_table_cache_and_image_folder_give_the_tokenizer_of_their_captions(train, tmp_path):
     from m3ae.data.cache import build_cache, source_config
     from m3ae.tokenizer import train_wordpiece
 
@@ -44,6 +44,14 @@ def test_shards_table_and_cache_give_the_tokenizer_of_their_captions(train, tmp_
     (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"img.jpg,caption {s} {i}\n" for s in range(2)
                                                                for i in range(12)))
     assert train(tmp_path / "t.csv", "--vocab-size", "60", "--min-frequency", "1")[0] == 0
+    assert (tmp_path / "tok.json").read_bytes() == from_shards
+    folder = tmp_path / "folder"  # img2dataset's "files" layout: xxx.jpg + xxx.txt
+    folder.mkdir()
+    for s in range(2):
+        for i in range(12):
+            (folder / f"{s}{i:02d}.jpg").write_bytes(image_bytes())
+            (folder / f"{s}{i:02d}.txt").write_text(f"caption {s} {i}")
+    assert train(folder, "--vocab-size", "60", "--min-frequency", "1")[0] == 0
     assert (tmp_path / "tok.json").read_bytes() == from_shards
 
 
@@ -72,7 +80,7 @@ def test_bad_inputs_are_one_clear_line(train, tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "x.jpg").write_bytes(image_bytes())
     one_line_error(train(tmp_path / "images"), "holds no captions to train a tokenizer on",
-                   "read as images alone")
+                   "no xxx.txt beside its images")
     assert not (tmp_path / "tok.json").exists()
 
 

@@ -21,8 +21,9 @@ def register(sub) -> None:
                                     "and options give the same file, byte for byte.")
     t.add_argument("inputs", nargs="*", metavar="SOURCE",
                    help="WebDataset shards (brace patterns, '::'-joined), a table (.csv/.tsv/.jsonl/.parquet), "
-                        "an HDF5 file, a text file (.txt, one caption per line) or folder of them, a cache "
-                        "folder (m3ae cache build); several are read in turn (none: the built-in data)")
+                        "an HDF5 file, a text file (.txt, one caption per line), an image folder with xxx.txt "
+                        "captions, a cache folder (m3ae cache build); several are read in turn (none: the "
+                        "built-in data)")
     t.add_argument("--source", choices=SOURCE_KINDS, default=None,
                    help="what the inputs are (default: guessed from each path)")
     t.add_argument("-o", "--output", required=True, help="where to write tokenizer.json")
@@ -58,8 +59,7 @@ def _captions(args: argparse.Namespace) -> list[str]:
         if not found:
             what = f"{cfg.source} {cfg.urls!r}" if cfg.urls else cfg.source
             raise DataError(f"{what} holds no captions to train a tokenizer on"
-                            + (" (an image folder is read as images alone, as pre-training reads it)"
-                               if cfg.source == "imagefolder" else ""))
+                            + (" (no xxx.txt beside its images)" if cfg.source == "imagefolder" else ""))
         captions += found
     if len(captions) < MIN_CAPTIONS:
         raise DataError(f"only {len(captions)} caption(s) in {' '.join(args.inputs)}: a vocabulary needs at least "

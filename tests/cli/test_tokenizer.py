@@ -27,7 +27,7 @@ def vocab(tmp_path) -> dict:
     return json.loads((tmp_path / "tok.json").read_text())["model"]["vocab"]
 
 
-def test_shards_table_cache_and_image_folder_give_the_tokenizer_of_their_captions(train, tmp_path):
+def test_every_source_gives_the_tokenizer_of_its_captions(train, tmp_path):
     from m3ae.data.cache import build_cache, source_config
     from m3ae.tokenizer import train_wordpiece
 
@@ -52,6 +52,15 @@ def test_shards_table_cache_and_image_folder_give_the_tokenizer_of_their_caption
             (folder / f"{s}{i:02d}.jpg").write_bytes(image_bytes())
             (folder / f"{s}{i:02d}.txt").write_text(f"caption {s} {i}")
     assert train(folder, "--vocab-size", "60", "--min-frequency", "1")[0] == 0
+    assert (tmp_path / "tok.json").read_bytes() == from_shards
+    text = "".join(f"caption {s} {i}\n" for s in range(2) for i in range(12))
+    (tmp_path / "caps.txt").write_text(text)
+    assert train(tmp_path / "caps.txt", "--vocab-size", "60", "--min-frequency", "1")[0] == 0
+    assert (tmp_path / "tok.json").read_bytes() == from_shards
+    h5py = pytest.importorskip("h5py")
+    with h5py.File(tmp_path / "caps.h5", "w") as f:
+        f.create_dataset("text", data=text.splitlines(), dtype=h5py.string_dtype())
+    assert train(tmp_path / "caps.h5", "--vocab-size", "60", "--min-frequency", "1")[0] == 0
     assert (tmp_path / "tok.json").read_bytes() == from_shards
 
 

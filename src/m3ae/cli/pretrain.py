@@ -48,8 +48,8 @@ def run(args) -> int:
         cfg = config_from_args(args)
     from ..training import TrainingDiverged
     from ..training.checkpoint import CheckpointWriteError
-    from ..training.loggers import MetricsWriteError
     from ..training.distributed import env_rank_info
+    from ..training.loggers import MetricsWriteError
     from ..training.trainer import RankFailed
 
     main = env_rank_info()[0] == 0

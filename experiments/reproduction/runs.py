@@ -78,7 +78,8 @@ def class_subset(data: Path, out: Path, n_classes: int) -> Path:
 
 def train_tokenizer(out: Path, data: Path, mode: Mode) -> Path:
     """One WordPiece vocabulary from the pre-training captions, shared by every run (so all
-    M3AE runs see the same token ids); trained once, since retraining can reorder ids."""
+    M3AE runs see the same token ids); trained once and kept in the run folder (training is
+    deterministic: the same captions give the same file, so this only saves the time)."""
     from m3ae.config import DataConfig
     from m3ae.data import source_captions
     from m3ae.tokenizer import train_wordpiece

@@ -9,13 +9,14 @@ Captions are encoded without [CLS]/[SEP] (the model has its own CLS token), trun
 """
 from __future__ import annotations
 
+import heapq
 import os
-import sys
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -94,17 +95,93 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int = 8000, min_frequency:
 
     By default it is uncased with accents stripped, as BERT-uncased; ``cased`` keeps upper
     case and ``keep_accents`` keeps accents (for languages where they tell words apart).
-    Token ids can differ between two trainings on the same text (the trainer breaks ties in
-    parallel), so a run saves its tokenizer beside every checkpoint; reuse that file.
+    The same captions and settings give the same ``tokenizer.json``, byte for byte, in any
+    process: see :func:`wordpiece_vocab` for why this does not use ``tokenizers``' trainer.
+    ``vocab_size`` is a target: every character of the captions (and its ``##`` form) is
+    kept, so a text with a larger alphabet gives a larger vocabulary.
     """
     tok = _bert_pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), lowercase=not cased,
                          strip_accents=not keep_accents)
-    # The trainer's progress bars print only blank lines when stderr is not a terminal (logs).
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
-                                        show_progress=sys.stderr.isatty())
-    tok.train_from_iterator(texts, trainer=trainer)
+    words: Counter[str] = Counter()
+    for text in texts:
+        words.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+    vocab = wordpiece_vocab(words, vocab_size, min_frequency)
+    tok = _bert_pipeline(Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")),
+                         lowercase=not cased, strip_accents=not keep_accents)
+    tok.add_special_tokens(SPECIAL_TOKENS)  # as the trainer did: never split, skipped when decoding
     return tok
+
+
+def wordpiece_vocab(words: Mapping[str, int], vocab_size: int, min_frequency: int = 1,
+                    prefix: str = "##") -> list[str]:
+    """The tokens of a WordPiece vocabulary learnt from word counts, in id order.
+
+    The algorithm of ``tokenizers``' WordPieceTrainer (a BPE merge loop over characters, a
+    non-initial piece marked with ``prefix``), with every choice made in a fixed order. Its
+    trainer numbers the ``##`` characters in hash-map order, which differs between processes,
+    and breaks ties between equally frequent merges by those numbers, so the same text gives
+    other ids and even other tokens each time (huggingface/tokenizers#1794, fix proposed in
+    PR #2066). Here: the special tokens, the characters and then the ``##`` characters in
+    code-point order, then merges, the most frequent pair first and, between equal counts,
+    the pair of lower ids (the trainer's own rule), until ``vocab_size`` tokens or no pair
+    occurs ``min_frequency`` times.
+    """
+    vocab = list(SPECIAL_TOKENS)
+    chars = sorted({c for w in words for c in w})
+    inner = sorted({c for w in words for c in w[1:]})
+    vocab += [c for c in chars if c not in vocab] + [prefix + c for c in inner if prefix + c not in vocab]
+    ids = {t: i for i, t in enumerate(vocab)}
+    # Each distinct word as a list of token ids, with its count.
+    spelt = [[ids[w[0]]] + [ids[prefix + c] for c in w[1:]] for w in words]
+    counts = list(words.values())
+    pairs: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for i, (syms, n) in enumerate(zip(spelt, counts)):
+        for pair in zip(syms, syms[1:]):
+            pairs[pair] = pairs.get(pair, 0) + n
+            where.setdefault(pair, set()).add(i)
+    # Max-heap on (count, then lower ids first); an entry whose count is out of date is dropped
+    # (every change pushed a fresh one).
+    heap = [(-n, a, b) for (a, b), n in pairs.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg, a, b = heapq.heappop(heap)
+        if pairs.get((a, b)) != -neg:
+            continue
+        if -neg < max(min_frequency, 1):
+            break
+        piece_b = vocab[b][len(prefix):] if vocab[b].startswith(prefix) else vocab[b]
+        token = vocab[a] + piece_b
+        if token not in ids:  # another pair may have spelt it already
+            ids[token] = len(vocab)
+            vocab.append(token)
+        new = ids[token]
+        changed: dict[tuple[int, int], int] = {}
+        for i in sorted(where.pop((a, b))):
+            old, n = spelt[i], counts[i]
+            merged, j = [], 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == a and old[j + 1] == b:
+                    merged.append(new)
+                    j += 2
+                else:
+                    merged.append(old[j])
+                    j += 1
+            if len(merged) == len(old):
+                continue
+            for pair in zip(old, old[1:]):
+                changed[pair] = changed.get(pair, 0) - n
+            for pair in zip(merged, merged[1:]):
+                changed[pair] = changed.get(pair, 0) + n
+                where.setdefault(pair, set()).add(i)
+            spelt[i] = merged
+        for pair, delta in changed.items():
+            if delta:
+                pairs[pair] = pairs.get(pair, 0) + delta
+                if pairs[pair] > 0:
+                    heapq.heappush(heap, (-pairs[pair], *pair))
+        pairs.pop((a, b), None)
+    return vocab
 
 
 class TextTokenizer:

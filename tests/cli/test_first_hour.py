@@ -52,6 +52,17 @@ def test_rerunning_into_a_run_folder_is_refused_and_overwrite_restarts(m3ae, tmp
                    "holds weights but no trainer_state.pt")
 
 
+def test_resuming_a_finished_run_says_it_had_finished(m3ae, tmp_path):
+    """Issue 32: it said "done: 2 steps, final loss nan"."""
+    out = tmp_path / "run"
+    m3ae("pretrain", "--out", out, "--no-progress", "train.steps=2", *SMALL)
+    p = m3ae("pretrain", "--out", out, "--no-progress", "--resume", "latest")
+    assert p.stdout.splitlines()[-1] == (f"already finished: {out} is at step 2 (train.steps=2); nothing was "
+                                         "trained. To continue it, resume with a larger train.steps=N")
+    p = m3ae("pretrain", "--out", out, "--no-progress", "--resume", "latest", "train.steps=3")
+    assert p.stdout.splitlines()[-1].startswith("done: 3 steps, final loss ") and "nan" not in p.stdout
+
+
 @pytest.mark.parametrize("override,needle", [
     ("train.batch_size=four", "train.batch_size must be a whole number, got 'four'"),
     ("train.lr=abc", "train.lr must be a number, got 'abc'"),

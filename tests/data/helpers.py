@@ -53,15 +53,27 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
-def pair_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "train") -> str:
-    """Shards of valid jpg+txt+cls samples with keys s{shard}_{i}; returns a brace pattern."""
+WORDS = ["red", "green", "blue", "small", "large", "circle", "square", "triangle", "left", "right", "top",
+         "bottom", "of", "a", "the", "picture", "photo", "near", "corner", "bright", "dark"]
+
+
+def varied_caption(n: int) -> str:
+    """The n-th of many different captions of 5 to 8 words (enough words and ties between
+    merges for a tokenizer trained on them to show any dependence on the process)."""
+    return " ".join(WORDS[(n * k + k * k) % len(WORDS)] for k in range(1, 6 + n % 4))
+
+
+def pair_shards(folder: Path, n_shards: int, per_shard: int, prefix: str = "train", varied: bool = False) -> str:
+    """Shards of valid jpg+txt+cls samples with keys s{shard}_{i}, captioned "caption {shard}
+    {i}" (``varied``: :func:`varied_caption`); returns a brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
         members = []
         for i in range(per_shard):
             key = f"s{s}_{i:03d}"
+            text = varied_caption(s * per_shard + i) if varied else f"caption {s} {i}"
             members += [(f"{key}.jpg", image_bytes(seed=s * 100 + i, size=(16, 16))),
-                        (f"{key}.txt", f"caption {s} {i}".encode()), (f"{key}.cls", str(i % 3).encode())]
+                        (f"{key}.txt", text.encode()), (f"{key}.cls", str(i % 3).encode())]
         write_tar(folder / f"{prefix}-{s:06d}.tar", members)
     return str(folder / f"{prefix}-{{{0:06d}..{n_shards - 1:06d}}}.tar")
 

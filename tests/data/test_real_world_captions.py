@@ -68,3 +68,19 @@ def test_loss_curve_of_an_image_only_run_has_no_flat_text_panels(tmp_path):
               for s in (1, 2, 3)]
     image_only = [dict(r, text_loss=0.0, text_accuracy=0.0) for r in paired]
     assert width(image_only) * 2 == pytest.approx(width(paired), abs=4)  # 2 panels instead of 4
+
+
+def test_the_repair_note_is_printed_once_per_run(images, tmp_path, caplog):
+    """Issue 32: a pre-training run opens its table three times (dataset, caption scan,
+    from-data tokenizer); the note came three times."""
+    from m3ae.cli import main
+
+    rows = "".join(f"{n}.jpg,a picture, {n} colours\n" for n in "abc") * 8
+    (images / "t.csv").write_text("image,caption\n" + rows)
+    with caplog.at_level(logging.WARNING, logger="m3ae.data"):
+        assert main(["pretrain", "--out", str(tmp_path / "run"), "--no-progress", "data.source=table",
+                     f"data.urls={images / 't.csv'}", "data.tokenizer=from-data", "data.tokenizer_vocab_size=60",
+                     "model.vocab_size=64", "model.depth=1", "model.emb_dim=32", "model.dec_emb_dim=32",
+                     "model.dec_depth=1", "train.steps=1", "train.batch_size=2", "train.recon_every=0"]) == 0
+    notes = [r.getMessage() for r in caplog.records if "more fields than the header" in r.getMessage()]
+    assert len(notes) == 1 and "24 row(s)" in notes[0], notes

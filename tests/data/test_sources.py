@@ -166,6 +166,11 @@ def test_image_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no image files"):
         ImageFolderSource(str(tmp_path / "empty"))
+    # An xxx.txt beside an image is its caption, for pre-training as for evaluation.
+    (tmp_path / "cls" / "dog" / "2.txt").write_text("a dog on the grass\n")
+    src = ImageFolderSource(str(tmp_path / "cls"))
+    assert [src[i]["caption"] for i in range(3)] == [None, None, "a dog on the grass"]
+    assert list(src.captions()) == ["a dog on the grass"] and list(flat.captions()) == []
 
 
 def test_text_files(tmp_path):

@@ -19,8 +19,8 @@ TINY = ["model.depth=1", "model.emb_dim=32", "model.num_heads=2", "model.dec_emb
 
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory) -> Path:
-    """A tokenizer trained once and shared: training one per run is not deterministic, and
-    runs compared number for number must tokenise identically."""
+    """A tokenizer trained once and shared by the runs, so that they need not each train one
+    (tests/training/test_same_command.py runs with data.tokenizer=from-data)."""
     from m3ae.data import ShapesDataset
     from m3ae.tokenizer import train_wordpiece
 

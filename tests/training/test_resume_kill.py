@@ -110,11 +110,17 @@ def cache_overrides(overrides, tmp_path_factory) -> list[str]:
     from m3ae.data.cache import build_cache, source_config
 
     root = tmp_path_factory.mktemp("cache")
-    build_cache([source_config(pair_shards(root / "shards", 2, 12))], root / "cache", 32, progress=False)
+    build_cache([source_config(pair_shards(root / "shards", 2, 12, varied=True))], root / "cache", 32,
+                progress=False)
     return overrides + ["data.source=cache", f"data.urls={root / 'cache'}"]
 
 
-def test_sigkill_then_resume_from_a_cache_is_bit_identical(h, cache_overrides, tmp_path):
+@pytest.mark.parametrize("tokenizer", ["file", "from-data"])
+def test_sigkill_then_resume_from_a_cache_is_bit_identical(h, cache_overrides, tokenizer, tmp_path):
+    """Also with a tokenizer trained at start-up: the reference trains its own, which must be
+    the one the killed run trained and saved with its checkpoint (issue 32)."""
+    if tokenizer == "from-data":
+        cache_overrides = cache_overrides + ["data.tokenizer=from-data", "data.tokenizer_vocab_size=120"]
     reference = tmp_path / "reference"
     h.run_ok(h.pretrain_cmd(reference, cache_overrides))
     rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]

@@ -246,6 +246,47 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_previous_one(h, tin
     assert not (run / "final").exists() and not _lock(run).exists()
 
 
+def test_a_full_disk_while_logging_metrics_is_one_line_and_exit_4(h, tiny, tmp_path, monkeypatch, capsys):
+    """Issue 32: a full disk while appending metrics.jsonl ended in a traceback (one process)."""
+    import builtins
+
+    from m3ae.training import loggers
+
+    class FullDisk:
+        def __init__(self, path):
+            self.f = builtins.open(path, "a")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:10])  # what a full disk leaves: a torn line
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "metrics.jsonl"))
+
+    def open_full_at_step_5(path, mode="r", *args, **kwargs):
+        if mode == "a" and len(read_metrics(path)) == 4:
+            return FullDisk(path)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(loggers, "open", open_full_at_step_5, raising=False)
+    run = tmp_path / "run"
+    over = [*tiny, "train.batch_size=2", "train.steps=6", "train.ckpt_every=2"]
+    rc = main(["pretrain", "--out", str(run), "--no-progress", *over])
+    err = capsys.readouterr().err
+    assert rc == 4 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err == (f"m3ae pretrain: error: could not append step 5 to {run / 'metrics.jsonl'}: "
+                   f"{os.strerror(errno.ENOSPC)}; the run stopped there. Free space or fix the permissions, then "
+                   "continue from its newest checkpoint with --resume latest (metrics.jsonl is cut back to that "
+                   "step)\n")
+    assert not _lock(run).exists() and resolve_resume("latest", run).name == "step_00000004"
+    monkeypatch.undo()  # space freed
+    assert main(["pretrain", "--out", str(run), "--no-progress", "--resume", "latest", *over]) == 0
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
 # ------------------------------------------------------------------- case 6: damaged files
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

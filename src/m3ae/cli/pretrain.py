@@ -49,6 +49,7 @@ def run(args) -> int:
     from ..training import TrainingDiverged
     from ..training.checkpoint import CheckpointWriteError
     from ..training.distributed import env_rank_info
+    from ..training.loggers import MetricsWriteError
     from ..training.trainer import RankFailed
 
     main = env_rank_info()[0] == 0
@@ -61,12 +62,15 @@ def run(args) -> int:
         if main:
             print(f"m3ae pretrain: {e}", file=sys.stderr)
         return 3
-    except (CheckpointWriteError, RankFailed) as e:
+    except (CheckpointWriteError, MetricsWriteError, RankFailed) as e:
         if args.debug:
             raise
         print(f"m3ae pretrain: error: {e}", file=sys.stderr)  # every rank: each log says why it stopped
         return 4
-    if main:
+    if main and result.start_step and result.start_step >= result.steps:
+        print(f"already finished: {result.run_dir} is at step {result.start_step} (train.steps={result.steps}); "
+              f"nothing was trained. To continue it, resume with a larger train.steps=N")
+    elif main:
         print(f"done: {result.steps} steps, final loss {result.final_loss:.4f}, run folder {result.run_dir}; "
               f"data: {result.data_summary}")
     return 0

@@ -58,27 +58,36 @@ def is_cache(path: str | os.PathLike) -> bool:
 # ---------------------------------------------------------------------------------- building
 def source_config(spec: str, kind: str | None = None, **fields):
     """The :class:`DataConfig` of one ``m3ae cache build`` source: ``kind`` (a data.source
-    name), or guessed from ``spec``: shards (``.tar``/``.tar.gz``/brace patterns), a table
-    (``.csv``/``.tsv``/``.jsonl``/``.parquet``), HDF5 (``.h5``/``.hdf5``), or an image folder."""
+    name), or guessed from ``spec`` (:func:`source_kind`); it must be a source of images."""
     from ..config import DataConfig
 
-    if kind is None:
-        first = spec.split("::")[0].lower()
-        if first.endswith((".tar", ".tar.gz", ".tgz")) or "{" in first or "://" in first or first.startswith("pipe:"):
-            kind = "webdataset"
-        elif first.endswith((".csv", ".tsv", ".jsonl", ".json", ".parquet")):
-            kind = "table"
-        elif first.endswith((".h5", ".hdf5")):
-            kind = "hdf5"
-        elif os.path.isdir(spec):
-            kind = "imagefolder"
-        else:
-            raise DataNotFound(f"cannot tell what {spec!r} is: expected WebDataset shards (*.tar, *.tar.gz), "
-                               "a table (.csv/.tsv/.jsonl/.parquet), an HDF5 file or an image folder that exists; "
-                               "or name the kind with --source")
+    kind = kind or source_kind(spec)
     if kind in ("cache", "mixture", "synthetic", "text"):
-        raise DataError(f"a cache is built from image data: --source {kind} is not one")
+        raise DataError(f"a cache is built from image data: {spec!r} is {kind} data")
     return DataConfig(source=kind, urls=spec, **fields)
+
+
+def source_kind(spec: str) -> str:
+    """The data.source that a path given on the command line names: shards (``.tar``/
+    ``.tar.gz``/brace patterns/URLs), a table (``.csv``/``.tsv``/``.jsonl``/``.parquet``),
+    HDF5 (``.h5``/``.hdf5``), text (``.txt``), a cache folder (``m3ae cache build``'s) or an
+    image folder."""
+    first = spec.split("::")[0].lower()
+    if first.endswith((".tar", ".tar.gz", ".tgz")) or "{" in first or "://" in first or first.startswith("pipe:"):
+        return "webdataset"
+    if first.endswith((".csv", ".tsv", ".jsonl", ".json", ".parquet")):
+        return "table"
+    if first.endswith((".h5", ".hdf5")):
+        return "hdf5"
+    if first.endswith(".txt"):
+        return "text"
+    if is_cache(spec):
+        return "cache"
+    if os.path.isdir(spec):
+        return "imagefolder"
+    raise DataNotFound(f"cannot tell what {spec!r} is: expected WebDataset shards (*.tar, *.tar.gz), "
+                       "a table (.csv/.tsv/.jsonl/.parquet), an HDF5 file, a text file (.txt), a cache "
+                       "folder or an image folder that exists; or name the kind with --source")
 
 
 def _raw_samples(src):
@@ -410,5 +419,5 @@ class CacheLoader:
         return batch
 
 
-__all__ = ["ImageCache", "CacheLoader", "build_cache", "source_config", "is_cache", "read_manifest",
+__all__ = ["ImageCache", "CacheLoader", "build_cache", "source_config", "source_kind", "is_cache", "read_manifest",
            "crop_boxes", "crop_resize_flip"]

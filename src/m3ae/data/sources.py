@@ -182,6 +182,9 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
     raise DataError(f"{path}: unknown table type {suffix!r}; expected .csv, .tsv, .jsonl or .parquet")
 
 
+_REPORTED: set[tuple[str, int, int]] = set()  # tables whose repairs were reported (path, size, mtime)
+
+
 class TableSource(IndexedSource):
     """A CSV/TSV/JSONL/Parquet table with an image-path column and a caption column.
 
@@ -247,6 +250,13 @@ class TableSource(IndexedSource):
                 kept.append(r)
             else:
                 self.repairs["malformed_row"] += 1
+        # A run opens its table several times (the dataset, the caption scan, a from-data
+        # tokenizer): the same file's repairs are reported once per process.
+        st = Path(self.path).stat()
+        seen = (self.path, st.st_size, st.st_mtime_ns)
+        if seen in _REPORTED:
+            return kept
+        _REPORTED.add(seen)
         if self.repairs["extra_fields_joined"]:
             log.warning("%s: %d row(s) have more fields than the header (unquoted %r in a caption?), e.g. "
                         "line %d; the extra fields were joined into the caption column %r. Quote such "
@@ -285,49 +295,58 @@ class TableSource(IndexedSource):
 
 
 # --------------------------------------------------------------------------------- folders
-def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def _images_under(folder: Path) -> tuple[list[Path], set[Path]]:
+    """The image files below ``folder`` (sorted) and its ``.txt`` files, in one walk."""
+    images, texts = [], set()
+    for p in folder.rglob("*"):
+        suffix = p.suffix.lower()
+        if suffix in IMAGE_SUFFIXES and p.is_file():
+            images.append(p)
+        elif p.suffix == ".txt":
+            texts.add(p)
+    return sorted(images), texts
 
 
 class ImageFolderSource(IndexedSource):
     """``root/class/xxx.jpg`` -> labelled images (label = index of the sorted class folder);
-    a folder of images with no class sub-folders -> unpaired images (label -1). Images are
-    found at any depth below a class folder (or the root).
-
-    ``caption_files=True`` reads an optional ``xxx.txt`` beside an image as its caption
-    (evaluation's image folders); otherwise the images are unpaired.
+    a folder of images with no class sub-folders -> unlabelled images (label -1). Images are
+    found at any depth below a class folder (or the root). An ``xxx.txt`` beside an image is
+    its caption (img2dataset's ``files`` layout); images without one are unpaired.
     """
 
     name = "imagefolder"
 
-    def __init__(self, path: str, caption_files: bool = False, **kw):
+    def __init__(self, path: str, **kw):
         super().__init__(**kw)
-        self.caption_files = caption_files
         root = _require(path, "a folder of images (class sub-folders optional)", kind="dir")
         self.root = root
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         loose = [p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         self.files: list[Path] = []
         self.labels: list[int] = []
+        texts: set[Path] = set()
         if classes and not loose:
             self.classes = classes
             for label, c in enumerate(classes):
-                files = _images_under(root / c)
+                files, found = _images_under(root / c)
                 self.files += files
                 self.labels += [label] * len(files)
+                texts |= found
         else:
             self.classes = []
-            self.files = _images_under(root)
+            self.files, texts = _images_under(root)
             self.labels = [-1] * len(self.files)
         if not self.files:
             raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        # Known from the walk, so that a folder without captions costs no look-up per image.
+        self.caption_files = [t if (t := f.with_suffix(".txt")) in texts else None for f in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def _caption(self, i: int) -> bytes | None:
-        txt = self.files[i].with_suffix(".txt")
-        return txt.read_bytes() if self.caption_files and txt.is_file() else None
+        txt = self.caption_files[i]
+        return txt.read_bytes() if txt is not None else None
 
     def __getitem__(self, i: int) -> dict:
         key = str(self.files[i].relative_to(self.root))
@@ -335,7 +354,7 @@ class ImageFolderSource(IndexedSource):
 
     def captions(self, limit=None):
         texts = (clean_caption(self._caption(i), "", self.max_chars, [])
-                 for i in range(len(self.files) if self.caption_files else 0))
+                 for i, txt in enumerate(self.caption_files) if txt is not None)
         return itertools.islice(filter(None, texts), limit)
 
 
@@ -361,8 +380,11 @@ class TextSource(IndexedSource):
                 col = _pick_column(text_column, cols, CAPTION_COLUMNS, "text", f"{f}", "data.text_column")
                 texts = [r.get(col) for r in rows]
             else:
-                with open(f, encoding="utf-8", errors="replace") as fh:
-                    texts = fh.read().splitlines()
+                raw = f.read_bytes()
+                if b"\0" in raw[:8192]:  # git's test for binary content: text never holds NUL
+                    raise DataError(f"{f} is not a text file (it holds binary data, e.g. an image or a "
+                                    "compressed archive); expected one caption per line")
+                texts = raw.decode("utf-8", errors="replace").splitlines()
             for n, t in enumerate(texts):
                 if t is not None and str(t).strip():
                     self.lines.append(str(t))

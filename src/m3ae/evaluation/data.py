@@ -94,7 +94,7 @@ def _image_folder(root: str, transform, limit: int | None, tag: str) -> Labelled
     """An image folder read as pre-training reads one (:class:`m3ae.data.sources.ImageFolderSource`:
     every image suffix, any depth, robust decoding; an unreadable image is counted and skipped by
     :func:`make_loader`), with the optional ``xxx.txt`` captions beside the images."""
-    src = ImageFolderSource(root, caption_files=True)
+    src = ImageFolderSource(root)
     base: Dataset = src
     if limit is not None and limit < len(src):
         # A folder is ordered by class: take an even stride, not the first classes only.

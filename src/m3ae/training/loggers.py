@@ -31,6 +31,10 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+class MetricsWriteError(RuntimeError):
+    """metrics.jsonl could not be appended to (disk full, no permission); the message says where."""
+
+
 class MetricsLogger:
     """Rank 0's sink for one row of scalars per logged step."""
 
@@ -58,9 +62,15 @@ class MetricsLogger:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
         step = row["step"]
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # ENOSPC, EACCES, EDQUOT ...: a torn last line is dropped when read
+            raise MetricsWriteError(
+                f"could not append step {step} to {self.path}: {e.strerror or e}; the run stopped there. Free "
+                "space or fix the permissions, then continue from its newest checkpoint with --resume latest "
+                "(metrics.jsonl is cut back to that step)") from None
         # Scalars only: the JSON line also holds example keys of skipped samples.
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
         if self.tb is not None:

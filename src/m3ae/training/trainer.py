@@ -61,6 +61,7 @@ class PretrainResult:
     history: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
     data_summary: str = ""  # samples read and skipped per reason, over all ranks and workers
+    start_step: int = 0  # the step it resumed at (>= steps: it had finished, nothing was trained)
 
 
 class _BatchStream:
@@ -457,7 +458,7 @@ class PretrainRun:
             raise CheckpointWriteError(problem)
         last = self.history[-1] if done_any and self.history else {}
         return PretrainResult(self.run_dir, self.end_step, last.get("loss", float("nan")), self.history,
-                              int(self.step.skipped), summary)
+                              int(self.step.skipped), summary, self.start_step)
 
 
 def _check_sizes(cfg: Config, text_tokenizer, info: DistInfo) -> None:

@@ -240,7 +240,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--runs", nargs="*", default=None, help="only these runs")
-    p.add_argument("--until", type=int, default=None, help="stop after this milestone (default: the last)")
+    p.add_argument("--until", type=int, default=None,
+                   help="stop after this milestone (default: the last; 0: only prepare data, caches and tokenizer)")
     p.add_argument("--smoke", action="store_true", help="the code path at smoke size, 16 steps (seconds)")
     p.add_argument("--report", action="store_true", help="only write the report from the published JSON")
     p.add_argument("--docs", default=str(ROOT / "docs"))
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     study = SMOKE if args.smoke else STUDY
-    mode, until = study.mode, args.until or study.mode.steps
+    mode, until = study.mode, study.mode.steps if args.until is None else args.until
     data, tokenizer = prepare(mode, Path(args.data), out, not args.no_progress)
     ctx = {"out": out, "data": data, "tokenizer": tokenizer, "device": args.device, "progress": not args.no_progress,
            "publish": Path(args.publish) if args.publish else None, "study": study}

@@ -194,23 +194,37 @@ def page(runs: dict, png: str) -> str:
 
 
 def report(published: Path, docs: Path) -> Path:
-    """Write ``docs/results/compute_curve.md`` and its plot, and the same section into
-    ``docs/results.md`` between :data:`SECTION`'s markers -> the page."""
+    """Write ``docs/results/compute_curve.md`` and its plot, and the same section at the end of
+    ``docs/results.md`` between :data:`SECTION`'s markers (replacing an older one) -> the page."""
     runs = load(published)
     png = plot(runs, docs / "results" / "compute_curve.png")
-    body = page(runs, "compute_curve.png")
-    out = atomic_write(docs / "results" / "compute_curve.md", body)
+    out = atomic_write(docs / "results" / "compute_curve.md", page(runs, "compute_curve.png"))
     results = docs / "results.md"
     if results.is_file():
-        text = results.read_text()
         section = f"{SECTION[0]}\n{page(runs, 'results/' + png.name)}{SECTION[1]}\n"
-        if SECTION[0] in text:
-            head, rest = text.split(SECTION[0], 1)
-            text = head + section + rest.split(SECTION[1], 1)[1].lstrip("\n")
-        else:
-            text = text.rstrip("\n") + "\n\n" + section
-        atomic_write(results, text)
+        atomic_write(results, with_section(drop_section(results.read_text()), section))
     return out
+
+
+def drop_section(text: str) -> str:
+    """``text`` without the compute-curve section."""
+    if SECTION[0] not in text:
+        return text
+    head, rest = text.split(SECTION[0], 1)
+    return head.rstrip("\n") + "\n" + rest.split(SECTION[1], 1)[1].lstrip("\n")
+
+
+def with_section(text: str, section: str) -> str:
+    return text.rstrip("\n") + "\n\n" + section
+
+
+def carry_section(old: str, new: str) -> str:
+    """The reproduction's page ``new`` with the compute-curve section of the page it replaces
+    (``old``), so that ``reproduce.py --report`` keeps it."""
+    if SECTION[0] not in old:
+        return new
+    section = SECTION[0] + old.split(SECTION[0], 1)[1].split(SECTION[1], 1)[0] + SECTION[1] + "\n"
+    return with_section(new, section)
 
 
 def headline(runs: dict) -> str | None:

@@ -14,6 +14,7 @@ from m3ae.io import atomic_write
 from m3ae.ops import POOLS
 from m3ae.reports.stats import mean, ordinal, seeds_cell
 
+from .compute_report import carry_section
 from .experiment import Experiment
 
 
@@ -269,7 +270,10 @@ def write_markdown(s: dict, docs: Path, pictures: list[str], experiment: Experim
          + _claim2_section(s, paper) + _claim3_section(s, paper) + _claim4_section(s, paper)
          + _pictures_section(pictures, rel) + _timing_section(s, experiment) + _commands_section(s)
          + _caveats_section() + _other_pages(docs, s["mode"], rel, experiment.modes))
-    atomic_write(path, "\n".join(L))
+    text = "\n".join(L)
+    if path.is_file():  # a section another report owns (claim 1 across compute) stays
+        text = carry_section(path.read_text(), text)
+    atomic_write(path, text)
     return path
 
 

@@ -42,3 +42,58 @@ def test_smoke_study_reads_out_every_milestone_and_resumes(shared_data, tmp_path
     stamps = {p: p.stat().st_mtime_ns for p in (out / "readouts").rglob("*.json")}
     assert cc.main(args) == 0  # nothing left: no run trains, no readout is rewritten
     assert {p: p.stat().st_mtime_ns for p in (out / "readouts").rglob("*.json")} == stamps
+
+
+def _readout(kind: str, seed: int, step: int, top1: float, layers: bool = False) -> dict:
+    probe = {"top1": top1, "knn_top1": top1 / 2}
+    r = {"run": f"{kind}_s{seed}", "kind": kind, "seed": seed, "step": step,
+         "probes": {k: dict(probe) for k in ("cls", "mean", "cls/fewshot", "mean/fewshot")}}
+    if layers:
+        r["layers"] = {name: {p: dict(probe) for p in ("cls", "mean")} for name in ("block 0", "final")}
+    if kind == "m3ae":
+        r["caption_diag"] = {"with_image": {"accuracy": 0.9}, "without_image": {"accuracy": 0.6}}
+    if kind == "supervised":
+        r["own_head"] = {"step": step, "top1": 0.3}
+    return r
+
+
+def test_report_verdicts_and_the_section_in_results_md(tmp_path):
+    from reproduction import compute_report
+
+    pub = tmp_path / "pub"
+    values = {"mae": (0.10, 0.11, 0.12), "m3ae": (0.20, 0.21, 0.22)}  # clear: gap 10 points, std 1
+    for kind, tops in values.items():
+        for seed, t in enumerate(tops):
+            for step, shift in ((650, 0.0), (2600, 0.0)):
+                r = _readout(kind, seed, step, t + shift, layers=step == 2600)
+                if step == 650 and kind == "m3ae" and seed == 0:
+                    r["probes"]["cls"]["top1"] = 0.115  # below MAE seed 2: overlap at 650, linear CLS
+                path = pub / "readouts" / r["run"] / f"step_{step}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(r))
+    (pub / "readouts" / "supervised_s0").mkdir()
+    (pub / "readouts" / "supervised_s0" / "step_650.json").write_text(json.dumps(_readout("supervised", 0, 650, 0.3)))
+    runs = compute_report.load(pub)
+    _, made = compute_report.budget_table(runs)
+    verdicts = {(s, label): v for s, label, v in made}
+    assert len(made) == 2 * 6
+    assert verdicts[650, "linear, CLS"] == "inconclusive (seed ranges overlap)"
+    assert verdicts[650, "linear, mean"].startswith("reproduced (every seed above; gap 10.00")
+    _, layer_made = compute_report.layer_table(runs)
+    assert len(layer_made) == 2 * 2 and all(v.startswith("reproduced") for *_, v in layer_made)
+    assert "after 2,600 steps, linear probe of the CLS feature: M3AE 21.00 % vs MAE 11.00 %" in \
+        compute_report.headline(runs)
+
+    docs = tmp_path / "docs"
+    (docs / "results").mkdir(parents=True)
+    (docs / "results.md").write_text("# Results\n\nthe reproduction's page\n")
+    for _ in range(2):  # a second report replaces the section, never adds one
+        compute_report.report(pub, docs)
+    text = (docs / "results.md").read_text()
+    assert text.startswith("# Results\n\nthe reproduction's page\n") and text.count("## Claim 1 across compute") == 1
+    assert "Comparisons made: 16 (12 budget x readout, 4 layer x pool)" in text
+    assert (docs / "results" / "compute_curve.png").stat().st_size > 0
+    # The reproduction's report rewrites its page and keeps the section.
+    again = compute_report.carry_section(text, "# Results\n\na new reproduction page\n")
+    assert again.count(compute_report.SECTION[0]) == 1 and "a new reproduction page" in again
+    assert compute_report.drop_section(again) == "# Results\n\na new reproduction page\n"

@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Claim 1 across compute: does text help the image encoder at small scale, given more steps?
 
+    python experiments/compute_curve.py --out /work/study/compute --until 0       # data, caches, tokenizer
     python experiments/compute_curve.py --out /work/study/compute --threads 1 &   # twice: the two
     python experiments/compute_curve.py --out /work/study/compute --threads 1     # processes share the runs
     python experiments/compute_curve.py --out /work/study/compute --report        # docs from the JSON only
+
+Keep ``--out`` outside the work tree and run from a checkout at a fixed commit, so that work
+landing meanwhile cannot change a run halfway; stopping (Ctrl-C, a killed session) loses at
+most the steps since the run's last checkpoint (every 325 steps).
 
 The standard mode's setting (tiny preset, 64 px / 8 px patches, 20,000 Tiny-ImageNet-100 caption
 pairs, batch 128; ``reproduction.modes.MODES["compute"]``) with one cosine schedule per run to

@@ -211,19 +211,11 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
             for batch in train_loader:
                 for g in opt.param_groups:
                     g["lr"] = lr * g["lr_scale"] * warmup_cosine(step, total, warm)
-                image, target = model_inputs(batch, device)["image"], batch["label"].to(device)
-                if mixer is not None:
-                    image, target = mixer(image, target)  # target: (B, C) class probabilities
-                loss = loss_fn(clf(image), target)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip > 0:
-                    nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
-                opt.step()
+                loss, n = _train_step(clf, opt, batch, loss_fn, mixer, grad_clip)
                 step += 1
                 bar.update(1)
-                loss_sum[0] += loss.item() * len(image)
-                loss_sum[1] += len(image)
+                loss_sum[0] += loss * n
+                loss_sum[1] += n
                 if steps is not None and (step in save_at or step == total):
                     measure(step=step)
                     if state:
@@ -236,6 +228,21 @@ def finetune(model: M3AE, train_loader, val_loader, num_classes: int, *, last_bl
                 measure(epoch=step // steps_per_epoch)
     last = history[-1] if history else {"top1": float("nan")}
     return FinetuneResult(last["top1"], last.get("top5"), history, clf.eval(), 1.0 / num_classes)
+
+
+def _train_step(clf: Classifier, opt, batch: dict, loss_fn, mixer, grad_clip: float) -> tuple[float, int]:
+    """One optimiser step on ``batch`` -> (its loss, its number of images)."""
+    device = next(clf.parameters()).device
+    image, target = model_inputs(batch, device)["image"], batch["label"].to(device)
+    if mixer is not None:
+        image, target = mixer(image, target)  # target: (B, C) class probabilities
+    loss = loss_fn(clf(image), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], grad_clip)
+    opt.step()
+    return loss.item(), len(image)
 
 
 class _FinetuneState:

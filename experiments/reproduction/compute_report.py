@@ -20,6 +20,7 @@ READOUTS = (("linear, CLS", "cls", "top1"), ("linear, mean", "mean", "top1"), ("
             ("10-shot, mean", "mean/fewshot", "top1"))
 KINDS = ("mae", "m3ae", "supervised")
 SECTION = ("<!-- compute-curve:start -->", "<!-- compute-curve:end -->")
+MILESTONES = (650, 1300, 2600, 5200, 10400)  # the study's read-out steps (compute_curve.Study)
 
 
 def load(published: Path) -> dict:
@@ -155,6 +156,9 @@ def plot(runs: dict, path: Path) -> Path:
             xs = [s for s, v in zip(steps, own) if v]
             ax.plot(xs, [sum(v) / len(v) for v in own if v], "s--", color="black", label="supervised, own head")
         ax.set_xscale("log")
+        ax.set_xticks(MILESTONES, [f"{m:,}" for m in MILESTONES])
+        ax.minorticks_off()
+        ax.set_xlim(MILESTONES[0] / 1.3, MILESTONES[-1] * 1.3)  # the planned range, reached or not
         ax.set_title(label)
         ax.set_xlabel("pre-training steps (batch 128)")
         ax.set_ylabel("top-1 %")
@@ -174,7 +178,10 @@ def page(runs: dict, png: str) -> str:
         "MAE and M3AE (the standard mode's tiny ViT, 64 px, 20,000 Tiny-ImageNet-100 caption pairs, batch 128, "
         "paper defaults: mask 0.75 for both, text loss weight 0.5), three seeds each, every run one cosine "
         "schedule to 10,400 steps read out on the way; a supervised ceiling (the same encoder trained on the "
-        "labels of the same images, same augmentation, optimiser and schedule) beside them. "
+        "labels of the same images, same augmentation, optimiser and schedule) beside them: seed 0 to "
+        "10,400 steps, seeds 1 and 2 on the same schedule to 2,600 for its spread. A readout before "
+        "step 10,400 is taken mid-schedule (warm-up ends at step 693; the LR is annealed only at the end), "
+        "as a user stopping early would have it. "
         "Made by `python experiments/compute_curve.py --report` from the JSON in "
         "[docs/results/compute_curve/](results/compute_curve/).", "",
         f"![top-1 against steps]({png})", "",

@@ -90,7 +90,8 @@ def layer_table(runs: dict) -> tuple[list[str], list[tuple]]:
                 sup = values(runs, "supervised", step, layer_value(layer, pool))
                 knn = [values(runs, k, step, layer_value(layer, pool, "knn_top1")) for k in ("mae", "m3ae")]
                 v = verdict(m3ae, mae)
-                made.append((step, f"{layer}/{pool}", v))
+                if layer != "final":  # the final output is the budget table's linear row: not counted twice
+                    made.append((step, f"{layer}/{pool}", v))
                 k_mae, k_m3ae = (f" [{sum(k) / len(k):.2f}]" if k else "" for k in knn)
                 lines.append(f"| {layer} | {pool} | {seeds_cell(mae, 2)}{k_mae} | {seeds_cell(m3ae, 2)}{k_m3ae} | "
                              f"{_gap(m3ae, mae)} | {seeds_cell(sup, 2)} | {v} |")
@@ -166,11 +167,12 @@ def plot(runs: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def page(runs: dict, png: str) -> str:
+def page(runs: dict, png: str, readouts: str) -> str:
+    """The section's Markdown; ``png`` and ``readouts`` are links relative to where it is written."""
     table, made = budget_table(runs)
     layers, made_layers = layer_table(runs)
     every = made + made_layers
-    wins = sum(v.startswith("reproduced (") for _, _, v in every)
+    wins = [f"{label} at {step:,}" for step, label, v in every if v.startswith("reproduced (")]
     done = [v for _, _, v in every if not v.startswith("(partial")]
     last = max((s for s in runs["m3ae"]), default=None)
     return "\n".join([
@@ -183,11 +185,15 @@ def page(runs: dict, png: str) -> str:
         "step 10,400 is taken mid-schedule (warm-up ends at step 693; the LR is annealed only at the end), "
         "as a user stopping early would have it. "
         "Made by `python experiments/compute_curve.py --report` from the JSON in "
-        "[docs/results/compute_curve/](results/compute_curve/).", "",
+        f"[docs/results/compute_curve/]({readouts}).", "",
         f"![top-1 against steps]({png})", "",
-        f"Comparisons made: {len(every)} ({len(made)} budget x readout, {len(made_layers)} layer x pool); "
-        f"{len(done)} with all seeds in, {wins} of them clear wins for M3AE (every seed above every MAE seed "
-        "and a gap of at least 3x the larger seed std). Latest budget with M3AE readouts: "
+        f"Comparisons made: {len(every)} ({len(made)} budget x readout, {len(made_layers)} block x pool; the "
+        "`final` layer rows repeat the linear rows and are not counted again); "
+        f"{len(done)} with all seeds in, {len(wins)} of them clear wins for M3AE (every seed above every MAE "
+        f"seed and a gap of at least 3x the larger seed std){': ' + ', '.join(wins) if wins else ''}. Under "
+        "no difference at all, each comparison has a 1 in 20 chance of every M3AE seed landing above every "
+        "MAE seed (3 against 3), and neighbouring layers and readouts are correlated: read a single win "
+        "with that in mind. Latest budget with M3AE readouts: "
         f"{last if last is None else f'{last:,}'} steps.", "",
         "### The gap at each budget", "", *table, "",
         "### The probe at every layer", "",
@@ -205,10 +211,10 @@ def report(published: Path, docs: Path) -> Path:
     ``docs/results.md`` between :data:`SECTION`'s markers (replacing an older one) -> the page."""
     runs = load(published)
     png = plot(runs, docs / "results" / "compute_curve.png")
-    out = atomic_write(docs / "results" / "compute_curve.md", page(runs, "compute_curve.png"))
+    out = atomic_write(docs / "results" / "compute_curve.md", page(runs, "compute_curve.png", "compute_curve/"))
     results = docs / "results.md"
     if results.is_file():
-        section = f"{SECTION[0]}\n{page(runs, 'results/' + png.name)}{SECTION[1]}\n"
+        section = f"{SECTION[0]}\n{page(runs, 'results/' + png.name, 'results/compute_curve/')}{SECTION[1]}\n"
         atomic_write(results, with_section(drop_section(results.read_text()), section))
     return out
 

@@ -41,9 +41,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from m3ae.io import write_json_atomic
+from m3ae.ops import POOLS
 from reproduction.modes import MODES, Mode, RunSpec, smoke_of
 from reproduction.runs import (build_caches, build_run_config, cache_path, caption_diagnostic, claim_run_dir,
-                               class_subset, encode, eval_images, ood_eval, probe_checkpoint, train_tokenizer)
+                               class_subset, eval_images, ood_eval, probe_checkpoint, train_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,14 +171,18 @@ def readout(run: Run, run_dir: Path, step: int, ctx: dict) -> dict:
     where = model_dir(run, run_dir, step)
     model = load_pretrained(where, ctx["device"], need_tokenizer=False)[0]
     sets = ctx["sets"]
-    probes, feats = probe_checkpoint(model, sets, mode, run.spec.seed)
+    probes, feats = probe_checkpoint(model, sets, mode, run.spec.seed,
+                                     blocks="all" if step in study.layers_at else None)
     res = {"run": run.name, "kind": run.kind, "seed": run.spec.seed, "step": step,
            "probes": {p: r.as_dict() for p, r in probes.items()}}
-    if step in study.layers_at:
-        tr, va = (encode(model, sets[k], blocks="all") for k in ("tin-train", "tin-val"))
-        res["layers"] = {layer_name(b): {p: {k: v for k, v in linear_probe(
-            tr[b][p], va[b][p], epochs=mode.probe_epochs, seed=run.spec.seed).as_dict().items()
-            if k in ("top1", "knn_top1")} for p in tr[b]} for b in tr}
+    if "layers" in feats:  # every block from the probes' own encoder pass; "final" is the probe above
+
+        def top1(b, p):
+            r = probes[p] if b is None else linear_probe(*(f[p] for f in feats["layers"][b]),
+                                                         epochs=mode.probe_epochs, seed=run.spec.seed)
+            return {k: v for k, v in r.as_dict().items() if k in ("top1", "knn_top1")}
+
+        res["layers"] = {layer_name(b): {p: top1(b, p) for p in POOLS} for b in feats["layers"]}
     if run.kind == "m3ae":
         res["caption_diag"] = caption_diagnostic(where, ctx["data"], ctx["device"], mode.caption_check)
     if run.kind == "supervised":

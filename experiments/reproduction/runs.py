@@ -229,18 +229,28 @@ def few_shot(f, k: int, seed: int):
     return _subset(f, keep)
 
 
-def probe_checkpoint(model, sets: dict, mode: Mode, seed: int) -> tuple[dict, dict]:
+def probe_checkpoint(model, sets: dict, mode: Mode, seed: int, blocks=None) -> tuple[dict, dict]:
     """Linear probe (+ kNN) of every pool on Tiny-ImageNet val, and with ``mode.fewshot``
-    a linear probe trained on that many images per class -> (results, features)."""
+    a linear probe trained on that many images per class -> (results, features). With
+    ``blocks`` (e.g. ``"all"``) the features of those layers come from the same encoder pass,
+    as ``features["layers"] = {block: (train, val)}``, so a layer sweep costs no second pass."""
     from m3ae.evaluation import linear_probe
+    from m3ae.ops import resolve_blocks
 
-    train, val = encode(model, sets["tin-train"]), encode(model, sets["tin-val"])
+    layers = {}
+    if blocks is None:
+        train, val = encode(model, sets["tin-train"]), encode(model, sets["tin-val"])
+    else:  # the final layer (None) is what the probes below read, whatever else is asked
+        want = [*resolve_blocks(blocks, model.config.depth), None]
+        tr, va = (encode(model, sets[k], blocks=want) for k in ("tin-train", "tin-val"))
+        train, val = tr[None], va[None]
+        layers = {b: (tr[b], va[b]) for b in resolve_blocks(blocks, model.config.depth)}
     probes = {p: linear_probe(train[p], val[p], epochs=mode.probe_epochs, seed=seed) for p in POOLS}
     if mode.fewshot:
         for p in POOLS:  # the same images for every model and checkpoint (seed 0)
             probes[f"{p}/fewshot"] = linear_probe(few_shot(train[p], mode.fewshot, 0), val[p],
                                                   epochs=mode.probe_epochs, seed=seed)
-    return probes, {"train": train, "val": val}
+    return probes, {"train": train, "val": val, **({"layers": layers} if layers else {})}
 
 
 def ood_eval(model, sets: dict, feats: dict, probe, mode: Mode, seed: int) -> dict:

@@ -4,8 +4,11 @@ supervised ceiling's own head, and a second call that finds everything done."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
 import compute_curve as cc
 
@@ -17,6 +20,36 @@ def test_the_plan_is_three_seeds_of_each_kind_and_a_supervised_spread():
     assert cc.STUDY.milestones == (650, 1300, 2600, 5200, 10400) and cc.STUDY.layers_at == (2600, 10400)
     mode = cc.STUDY.mode  # the standard mode's data and evaluation, paper defaults
     assert (mode.model.image_size, mode.model.patch_size, mode.batch_size, mode.classes) == (64, 8, 128, 100)
+
+
+def test_a_layer_sweep_reuses_the_probes_encoder_pass(tiny_cfg):
+    """``probe_checkpoint(blocks=...)`` gives the plain call's probes bit for bit, and each
+    layer's features equal those of a sweep over that layer alone."""
+    from m3ae import M3AE
+    from reproduction.runs import probe_checkpoint
+
+    model = M3AE(tiny_cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    s = tiny_cfg.image_size
+
+    def blob(n):
+        return {"images": torch.rand(n, 3, s, s, generator=g), "labels": torch.arange(n) % 4,
+                "classes": ["a", "b", "c", "d"]}
+
+    sets = {"tin-train": blob(48), "tin-val": blob(24)}
+    mode = replace(cc.STUDY.mode, probe_epochs=3, fewshot=2)
+    plain, pf = probe_checkpoint(model, sets, mode, seed=1)
+    swept, sf = probe_checkpoint(model, sets, mode, seed=1, blocks="all")
+    assert "layers" not in pf and list(sf["layers"]) == [0, 1, 2, 3, None]
+    assert {k: r.as_dict() for k, r in plain.items()} == {k: r.as_dict() for k, r in swept.items()}
+    for split, i in (("train", 0), ("val", 1)):
+        for p in ("cls", "mean"):
+            np.testing.assert_array_equal(sf[split][p].features, pf[split][p].features)
+            np.testing.assert_array_equal(sf["layers"][None][i][p].features, pf[split][p].features)
+    _, one = probe_checkpoint(model, sets, mode, seed=1, blocks=[-3])
+    assert list(one["layers"]) == [1]
+    np.testing.assert_array_equal(one["layers"][1][1]["mean"].features, sf["layers"][1][1]["mean"].features)
+    assert not np.array_equal(sf["layers"][1][1]["mean"].features, sf["layers"][2][1]["mean"].features)
 
 
 @pytest.mark.slow
@@ -36,6 +69,8 @@ def test_smoke_study_reads_out_every_milestone_and_resumes(shared_data, tmp_path
         assert ("ood_far" in r) == (step == 16)
         assert 0 <= r["caption_diag"]["with_image"]["accuracy"] <= 1
     assert list(m3ae[16]["layers"]) == ["block 0", "block 1", "block 2", "block 3", "final"]
+    for p in ("cls", "mean"):  # the final layer is the probe itself
+        assert m3ae[16]["layers"]["final"][p] == {k: m3ae[16]["probes"][p][k] for k in ("top1", "knn_top1")}
     sup = {int(p.stem[5:]): json.loads(p.read_text()) for p in (pub / "readouts" / "supervised_s1").iterdir()}
     assert sorted(sup) == [1, 2, 4]  # the spread seeds stop at a quarter
     assert all(r["own_head"]["step"] == s and 0 <= r["own_head"]["top1"] <= 1 for s, r in sup.items())

@@ -47,69 +47,107 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict, experiment: 
     """The numbers the report shows, from the per-run results. ``mode``: the mode's settings as
     plain data (seeds, pool, paired_fractions, text_mask_ratios, steps, ...), kept in the
     summary as ``settings``."""
-    def by(kind=None, pf=None, tm=None, seed=None):
-        return [r for r in results.values() if (kind is None or r["kind"] == kind)
-                and (pf is None or abs(r["paired_fraction"] - pf) < 1e-9)
-                and (tm is None or abs(r["text_mask_ratio"] - tm) < 1e-9)
-                and (seed is None or r["seed"] == seed)]
-
-    def top1(rs):
-        return [100 * r["probe"]["top1"] for r in rs]
-
-    paired_fractions = tuple(mode["paired_fractions"])
-    text_mask_ratios = tuple(mode["text_mask_ratios"])
-    mae, m3ae = by("mae"), by("m3ae", pf=1.0, tm=0.75)
-    mae, m3ae = sorted(mae, key=lambda r: r["seed"]), sorted(m3ae, key=lambda r: r["seed"])
-    mae_acc, m3ae_acc = top1(mae), top1(m3ae)
-    spread = max([max(x) - min(x) for x in (mae_acc, m3ae_acc) if len(x) > 1] or [float("nan")])
+    mae = sorted(select(results, "mae"), key=lambda r: r["seed"])
+    m3ae = sorted(select(results, "m3ae", pf=1.0, tm=0.75), key=lambda r: r["seed"])
+    spread = max([max(x) - min(x) for x in (top1(mae), top1(m3ae)) if len(x) > 1] or [float("nan")])
+    noise = 0.0 if spread != spread else spread
     s0 = mode["seeds"][0]
     s = {"mode": mode_name, "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in mode.items()},
-         "seed_spread_top1": spread}
-    s["claim1"] = {
+         "seed_spread_top1": spread, "claim1": claim1(m3ae, mae, mode.get("pool", "cls")),
+         "caption_diag": {r["name"]: r["caption_diag"] for r in select(results, "m3ae") if "caption_diag" in r},
+         "claim1_pools": claim1_pools(m3ae, mae), "curve": probe_curve(m3ae, mae)}
+    s["readouts"], s["readout_curve"] = readout_summary(m3ae, mae)
+    s["claim2"] = claim2(results, tuple(mode["paired_fractions"]), s0, noise)
+    s["claim3"] = claim3(results, tuple(mode["text_mask_ratios"]), s0, noise)
+    s["claim4"] = claim4(m3ae, mae)
+    s["runs"] = {n: {k: r[k] for k in ("kind", "seed", "paired_fraction", "text_mask_ratio", "steps",
+                                        "samples_seen", "final", "pretrain_seconds", "eval_seconds",
+                                        "eval_images", "device")}
+                 for n, r in sorted(results.items())}
+    s["timing"] = timing(results)
+    s["full_estimate_hours"] = full_estimate_hours(s["timing"], experiment)
+    return s
+
+
+def select(results: dict[str, dict], kind=None, pf=None, tm=None, seed=None) -> list[dict]:
+    """The per-run results of one kind, paired fraction, text mask ratio and seed (None: any)."""
+    return [r for r in results.values() if (kind is None or r["kind"] == kind)
+            and (pf is None or abs(r["paired_fraction"] - pf) < 1e-9)
+            and (tm is None or abs(r["text_mask_ratio"] - tm) < 1e-9)
+            and (seed is None or r["seed"] == seed)]
+
+
+def top1(rs: list[dict]) -> list[float]:
+    return [100 * r["probe"]["top1"] for r in rs]
+
+
+def claim1(m3ae: list[dict], mae: list[dict], pool: str) -> dict:
+    """The main probe of the final models: top-1/top-5/kNN per seed, the gap, the verdict."""
+    m3ae_acc, mae_acc = top1(m3ae), top1(mae)
+    return {
         "mae_top1": mae_acc, "m3ae_top1": m3ae_acc, "mae_top5": [100 * r["probe"]["top5"] for r in mae],
         "m3ae_top5": [100 * r["probe"]["top5"] for r in m3ae],
         "mae_knn": [100 * r["probe"]["knn_top1"] for r in mae], "m3ae_knn": [100 * r["probe"]["knn_top1"] for r in m3ae],
         "chance": 100 * (mae or m3ae)[0]["probe"]["chance"] if (mae or m3ae) else None,
-        "pool": mode.get("pool", "cls"), **gap_stats(m3ae_acc, mae_acc),
+        "pool": pool, **gap_stats(m3ae_acc, mae_acc),
         "seed_gaps": {str(a["seed"]): 100 * (a["probe"]["top1"] - b["probe"]["top1"])
                       for a in m3ae for b in mae if a["seed"] == b["seed"]},
         "verdict": compare_strict(m3ae_acc, mae_acc)}
-    # Every pool the runs were probed with (CLS, mean of the image tokens), and the curves.
-    s["caption_diag"] = {r["name"]: r["caption_diag"] for r in by("m3ae") if "caption_diag" in r}
-    s["claim1_pools"], s["curve"] = {}, {}
+
+
+def claim1_pools(m3ae: list[dict], mae: list[dict]) -> dict:
+    """Claim 1 on every pool the runs were probed with (CLS, mean of the image tokens)."""
+    out = {}
     for pool in POOLS:
         a = [100 * r["probes"][pool]["top1"] for r in m3ae if pool in r.get("probes", {})]
         b = [100 * r["probes"][pool]["top1"] for r in mae if pool in r.get("probes", {})]
         if a or b:
-            s["claim1_pools"][pool] = {
+            out[pool] = {
                 "m3ae_top1": a, "mae_top1": b, **gap_stats(a, b), "verdict": compare_strict(a, b),
                 "m3ae_knn": [100 * r["probes"][pool]["knn_top1"] for r in m3ae if pool in r.get("probes", {})],
                 "mae_knn": [100 * r["probes"][pool]["knn_top1"] for r in mae if pool in r.get("probes", {})]}
-    s["readouts"], s["readout_curve"] = readout_summary(m3ae, mae)
+    return out
+
+
+def probe_curve(m3ae: list[dict], mae: list[dict]) -> dict:
+    """{kind: {pool: {step: [top-1 % per seed]}}} along training (the kept checkpoints)."""
+    curve = {}
     for kind, rs in (("mae", mae), ("m3ae", m3ae)):
         for r in rs:
             for point in r.get("curve", []):
                 for pool in POOLS:
                     if pool in point:
-                        s["curve"].setdefault(kind, {}).setdefault(pool, {}).setdefault(
+                        curve.setdefault(kind, {}).setdefault(pool, {}).setdefault(
                             str(point["step"]), []).append(100 * point[pool]["top1"])
-    curve2 = {0.0: mean(top1(by("mae", seed=s0)))}
+    return curve
+
+
+def claim2(results: dict[str, dict], paired_fractions: tuple, seed: int, noise: float) -> dict:
+    """Top-1 against the paired fraction (0 = MAE); the small fractions against MAE."""
+    curve = {0.0: mean(top1(select(results, "mae", seed=seed)))}
     for p in paired_fractions + (1.0,):
-        curve2[p] = mean(top1(by("m3ae", pf=p, tm=0.75, seed=s0)))
-    noise = 0.0 if spread != spread else spread
-    small = [curve2[p] - curve2[0.0] for p in paired_fractions]
+        curve[p] = mean(top1(select(results, "m3ae", pf=p, tm=0.75, seed=seed)))
+    small = [curve[p] - curve[0.0] for p in paired_fractions]
     if any(d != d for d in small):
-        verdict2 = "not run"
+        verdict = "not run"
     elif min(small) > 0 or max(small) < 0:  # both fractions on the same side of MAE
-        verdict2 = compare_noise(min(small) if min(small) > 0 else max(small), noise)
+        verdict = compare_noise(min(small) if min(small) > 0 else max(small), noise)
     else:
-        verdict2 = "inconclusive (the small fractions fall on different sides of MAE)"
-    s["claim2"] = {"top1": {str(k): v for k, v in curve2.items()}, "verdict": verdict2}
-    curve3 = {r: mean(top1(by("m3ae", pf=1.0, tm=r, seed=s0))) for r in sorted(text_mask_ratios + (0.75,))}
-    high = [curve3[r] for r in curve3 if r >= 0.5 and curve3[r] == curve3[r]]
-    best = max(curve3, key=lambda r: -1e9 if curve3[r] != curve3[r] else curve3[r])
-    s["claim3"] = {"top1": {str(k): v for k, v in curve3.items()}, "best_ratio": best,
-                   "verdict": compare_noise(mean(high) - curve3[0.15], noise)}
+        verdict = "inconclusive (the small fractions fall on different sides of MAE)"
+    return {"top1": {str(k): v for k, v in curve.items()}, "verdict": verdict}
+
+
+def claim3(results: dict[str, dict], text_mask_ratios: tuple, seed: int, noise: float) -> dict:
+    """Top-1 against the text mask ratio; high ratios (>= 0.5) against BERT's 0.15."""
+    curve = {r: mean(top1(select(results, "m3ae", pf=1.0, tm=r, seed=seed))) for r in sorted(text_mask_ratios + (0.75,))}
+    high = [curve[r] for r in curve if r >= 0.5 and curve[r] == curve[r]]
+    best = max(curve, key=lambda r: -1e9 if curve[r] != curve[r] else curve[r])
+    return {"top1": {str(k): v for k, v in curve.items()}, "best_ratio": best,
+            "verdict": compare_noise(mean(high) - curve[0.15], noise)}
+
+
+def claim4(m3ae: list[dict], mae: list[dict]) -> dict:
+    """OOD AUROCs (far and near, Mahalanobis and max-softmax) and the in-distribution accuracy."""
     c4 = {}
     for setting in ("ood_far", "ood_near"):
         for metric in ("mahalanobis", "msp"):
@@ -118,24 +156,23 @@ def summarize(results: dict[str, dict], mode_name: str, mode: dict, experiment: 
             c4[f"{setting}/{metric}"] = {"m3ae": a, "mae": b, "verdict": compare(a, b)}
         c4[f"{setting}/id_accuracy"] = {"m3ae": [100 * r[setting]["id_accuracy"] for r in m3ae if setting in r],
                                         "mae": [100 * r[setting]["id_accuracy"] for r in mae if setting in r]}
-    s["claim4"] = c4
-    s["runs"] = {n: {k: r[k] for k in ("kind", "seed", "paired_fraction", "text_mask_ratio", "steps",
-                                        "samples_seen", "final", "pretrain_seconds", "eval_seconds",
-                                        "eval_images", "device")}
-                 for n, r in sorted(results.items())}
-    pre = sum(r["pretrain_seconds"] for r in results.values())
-    ev = sum(r["eval_seconds"] for r in results.values())
-    seen = sum(r["samples_seen"] for r in results.values())
-    imgs = sum(r["eval_images"] for r in results.values())
-    wall = max(r["finished_at"] for r in results.values()) - min(r["started_at"] for r in results.values())
+    return c4
+
+
+def timing(results: dict[str, dict]) -> dict:
+    """Compute spent: pre-training and evaluation seconds, rates, wall time, runs in parallel."""
+    rs = list(results.values())
+    pre = sum(r["pretrain_seconds"] for r in rs)
+    ev = sum(r["eval_seconds"] for r in rs)
+    seen = sum(r["samples_seen"] for r in rs)
+    imgs = sum(r["eval_images"] for r in rs)
+    wall = max(r["finished_at"] for r in rs) - min(r["started_at"] for r in rs)
     # How many runs overlapped at most (the command may have been started more than once).
-    spans = [(r["started_at"], r["finished_at"]) for r in results.values()]
+    spans = [(r["started_at"], r["finished_at"]) for r in rs]
     parallel = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
-    s["timing"] = {"pretrain_seconds": pre, "eval_seconds": ev, "pretrain_samples_per_s": seen / max(pre, 1e-9),
-                   "eval_images_per_s": imgs / max(ev, 1e-9), "wall_seconds": wall,
-                   "max_parallel_runs": parallel, "devices": sorted({r["device"] for r in results.values()})}
-    s["full_estimate_hours"] = full_estimate_hours(s["timing"], experiment)
-    return s
+    return {"pretrain_seconds": pre, "eval_seconds": ev, "pretrain_samples_per_s": seen / max(pre, 1e-9),
+            "eval_images_per_s": imgs / max(ev, 1e-9), "wall_seconds": wall,
+            "max_parallel_runs": parallel, "devices": sorted({r["device"] for r in rs})}
 
 
 def full_estimate_hours(timing: dict, experiment: Experiment) -> float:

@@ -274,15 +274,20 @@ def main(argv=None) -> int:
            "publish": Path(args.publish) if args.publish else None, "study": study}
     ctx["sets"] = eval_images(data, out, mode, mode.model.image_size)
     runs = [r for r in plan(study) if args.runs is None or r.name in args.runs]
-    while True:
-        # Breadth first: the earliest milestone any run still lacks comes first, so a stop
-        # leaves the runs at comparable budgets; a run another process holds is passed over.
-        pending = [(m, r) for m in study.milestones if m <= until for r in runs
-                   if r.stop >= m and not readout_path(out, r.name, m).is_file()]
-        if not pending:
-            break
-        if not any(advance(r, m, ctx) for m, r in pending):
-            time.sleep(10)  # everything left is another process's
+    try:
+        while True:
+            # Breadth first: the earliest milestone any run still lacks comes first, so a stop
+            # leaves the runs at comparable budgets; a run another process holds is passed over.
+            pending = [(m, r) for m in study.milestones if m <= until for r in runs
+                       if r.stop >= m and not readout_path(out, r.name, m).is_file()]
+            if not pending:
+                break
+            if not any(advance(r, m, ctx) for m, r in pending):
+                time.sleep(10)  # everything left is another process's
+    except KeyboardInterrupt as e:  # Ctrl-C: pre-training saved its step; the same command continues
+        print(f"\n{str(e).split('. Continue with')[0] or 'interrupted'}; run the same command again to continue",
+              file=sys.stderr)
+        return 130
     print(f"done: every run is read out up to step {until}")
     return 0
 

@@ -52,6 +52,21 @@ def test_a_layer_sweep_reuses_the_probes_encoder_pass(tiny_cfg):
     assert not np.array_equal(sf["layers"][1][1]["mean"].features, sf["layers"][2][1]["mean"].features)
 
 
+def test_ctrl_c_stops_the_study_with_a_message_not_a_traceback(monkeypatch, tmp_path, capsys):
+    from m3ae.training.interrupt import TrainingInterrupted
+
+    def interrupted(run, milestone, ctx):
+        raise TrainingInterrupted(7, tmp_path / "checkpoints" / "step_00000007", tmp_path)
+
+    monkeypatch.setattr(cc, "prepare", lambda *a: (tmp_path, tmp_path / "tokenizer.json"))
+    monkeypatch.setattr(cc, "eval_images", lambda *a: {})
+    monkeypatch.setattr(cc, "advance", interrupted)
+    assert cc.main(["--smoke", "--out", str(tmp_path / "runs"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 7; checkpoint" in err and err.strip().endswith("run the same command again to continue")
+    assert "m3ae pretrain" not in err  # the study's way on is its own command
+
+
 @pytest.mark.slow
 def test_smoke_study_reads_out_every_milestone_and_resumes(shared_data, tmp_path):
     out, pub = tmp_path / "runs", tmp_path / "published"

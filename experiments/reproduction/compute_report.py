@@ -119,7 +119,8 @@ def own_head_lines(runs: dict) -> list[str]:
 
 
 def ood_lines(runs: dict) -> list[str]:
-    final = max((s for s, by in runs["m3ae"].items() if any("ood_far" in r for r in by.values())), default=None)
+    final = max((s for k in ("mae", "m3ae") for s, by in runs[k].items() if any("ood_far" in r for r in by.values())),
+                default=None)
     if final is None:
         return ["Not measured yet (at the last step only)."]
     lines = ["| set | score | MAE AUROC | M3AE AUROC | verdict |", "|---|---|---|---|---|"]

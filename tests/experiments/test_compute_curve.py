@@ -133,6 +133,12 @@ def test_report_verdicts_and_the_section_in_results_md(tmp_path):
     assert len(layer_made) == 2 and all(v.startswith("reproduced") for *_, v in layer_made)  # block 0 only
     assert "after 2,600 steps, linear probe of the CLS feature: M3AE 21.00 % vs MAE 11.00 %" in \
         compute_report.headline(runs)
+    assert compute_report.ood_lines(runs) == ["Not measured yet (at the last step only)."]
+    r = _readout("mae", 0, 2600, 0.1)  # one MAE seed's OOD in: shown, marked partial
+    r["ood_far"] = r["ood_near"] = {"metrics": {"mahalanobis": {"auroc": 0.615}, "msp": {"auroc": 0.41}}}
+    runs["mae"][2600][0] = r
+    ood = compute_report.ood_lines(runs)
+    assert ood[2] == "| far | mahalanobis | 61.5 | – | (partial: 1 MAE / 0 M3AE seeds) |" and len(ood) == 6
 
     docs = tmp_path / "docs"
     (docs / "results").mkdir(parents=True)

@@ -285,8 +285,8 @@ def main(argv=None) -> int:
             if not any(advance(r, m, ctx) for m, r in pending):
                 time.sleep(10)  # everything left is another process's
     except KeyboardInterrupt as e:  # Ctrl-C: pre-training saved its step; the same command continues
-        print(f"\n{str(e).split('. Continue with')[0] or 'interrupted'}; run the same command again to continue",
-              file=sys.stderr)
+        saved = f" at step {e.step}; checkpoint {e.checkpoint}" if getattr(e, "checkpoint", None) else ""
+        print(f"\ninterrupted{saved}; run the same command again to continue", file=sys.stderr)
         return 130
     print(f"done: every run is read out up to step {until}")
     return 0

@@ -237,14 +237,11 @@ def probe_checkpoint(model, sets: dict, mode: Mode, seed: int, blocks=None) -> t
     from m3ae.evaluation import linear_probe
     from m3ae.ops import resolve_blocks
 
-    layers = {}
-    if blocks is None:
-        train, val = encode(model, sets["tin-train"]), encode(model, sets["tin-val"])
-    else:  # the final layer (None) is what the probes below read, whatever else is asked
-        want = [*resolve_blocks(blocks, model.config.depth), None]
-        tr, va = (encode(model, sets[k], blocks=want) for k in ("tin-train", "tin-val"))
-        train, val = tr[None], va[None]
-        layers = {b: (tr[b], va[b]) for b in resolve_blocks(blocks, model.config.depth)}
+    asked = () if blocks is None else resolve_blocks(blocks, model.config.depth)
+    # The final layer (None) is what the probes below read, whatever else is asked.
+    tr, va = (encode(model, sets[k], blocks=[*asked, None]) for k in ("tin-train", "tin-val"))
+    train, val = tr[None], va[None]
+    layers = {b: (tr[b], va[b]) for b in asked}
     probes = {p: linear_probe(train[p], val[p], epochs=mode.probe_epochs, seed=seed) for p in POOLS}
     if mode.fewshot:
         for p in POOLS:  # the same images for every model and checkpoint (seed 0)

@@ -20,6 +20,8 @@ READOUTS = (("linear, CLS", "cls", "top1"), ("linear, mean", "mean", "top1"), ("
             ("10-shot, mean", "mean/fewshot", "top1"))
 KINDS = ("mae", "m3ae", "supervised")
 SECTION = ("<!-- compute-curve:start -->", "<!-- compute-curve:end -->")
+# One line near the top of results.md, so that a reader of the 650-step page learns the scaled result.
+POINTER = "<!-- compute-curve:pointer -->"
 MILESTONES = (650, 1300, 2600, 5200, 10400)  # the study's read-out steps (compute_curve.Study)
 
 
@@ -216,29 +218,44 @@ def report(published: Path, docs: Path) -> Path:
     results = docs / "results.md"
     if results.is_file():
         section = f"{SECTION[0]}\n{page(runs, 'results/' + png.name, 'results/compute_curve/')}{SECTION[1]}\n"
-        atomic_write(results, with_section(drop_section(results.read_text()), section))
+        line = headline(runs)
+        pointer = line and (f"{POINTER} **Claim 1 with more compute** ([below](#claim-1-across-compute)): "
+                            f"{line}.")
+        atomic_write(results, with_section(drop_section(results.read_text()), section, pointer))
     return out
 
 
 def drop_section(text: str) -> str:
-    """``text`` without the compute-curve section."""
+    """``text`` without the compute-curve section and its pointer line."""
+    lines = text.splitlines(keepends=True)
+    for i, ln in enumerate(lines):
+        if ln.startswith(POINTER):  # the pointer and the blank line after it
+            del lines[i:i + 2 if i + 1 < len(lines) and not lines[i + 1].strip() else i + 1]
+            break
+    text = "".join(lines)
     if SECTION[0] not in text:
         return text
     head, rest = text.split(SECTION[0], 1)
     return head.rstrip("\n") + "\n" + rest.split(SECTION[1], 1)[1].lstrip("\n")
 
 
-def with_section(text: str, section: str) -> str:
+def with_section(text: str, section: str, pointer: str | None = None) -> str:
+    """``text`` with ``section`` at its end and ``pointer`` (one line) before its first ``## `` heading."""
+    if pointer:
+        at = text.find("\n## ")
+        text = (text[:at + 1] + pointer + "\n\n" + text[at + 1:] if at >= 0
+                else text.rstrip("\n") + "\n\n" + pointer + "\n")
     return text.rstrip("\n") + "\n\n" + section
 
 
 def carry_section(old: str, new: str) -> str:
-    """The reproduction's page ``new`` with the compute-curve section of the page it replaces
-    (``old``), so that ``reproduce.py --report`` keeps it."""
+    """The reproduction's page ``new`` with the compute-curve section and pointer of the page it
+    replaces (``old``), so that ``reproduce.py --report`` keeps them."""
     if SECTION[0] not in old:
         return new
     section = SECTION[0] + old.split(SECTION[0], 1)[1].split(SECTION[1], 1)[0] + SECTION[1] + "\n"
-    return with_section(new, section)
+    pointer = next((ln.rstrip("\n") for ln in old.splitlines() if ln.startswith(POINTER)), None)
+    return with_section(new, section, pointer)
 
 
 def headline(runs: dict) -> str | None:

@@ -154,3 +154,10 @@ def test_report_verdicts_and_the_section_in_results_md(tmp_path):
     again = compute_report.carry_section(text, "# Results\n\na new reproduction page\n")
     assert again.count(compute_report.SECTION[0]) == 1 and "a new reproduction page" in again
     assert compute_report.drop_section(again) == "# Results\n\na new reproduction page\n"
+    # The pointer: one line before the page's first heading, kept and dropped with the section.
+    assert text.count(compute_report.POINTER) == 1 and "M3AE 21.00 % vs MAE 11.00 %" in text.split(compute_report.SECTION[0])[0]
+    page = "# Results\n\nintro\n\n## Result in one paragraph\n\nbody\n"
+    kept = compute_report.carry_section(text, page)
+    assert kept.startswith("# Results\n\nintro\n\n" + compute_report.POINTER) and kept.count(compute_report.POINTER) == 1
+    assert kept.index(compute_report.POINTER) < kept.index("## Result in one paragraph") < kept.index(compute_report.SECTION[0])
+    assert compute_report.drop_section(kept) == page

@@ -130,7 +130,10 @@ def ood_lines(runs: dict) -> list[str]:
         for score in ("mahalanobis", "msp"):
             get = lambda r: r.get(where, {}).get("metrics", {}).get(score, {}).get("auroc")  # noqa: E731
             mae, m3ae = (values(runs, k, final, get) for k in ("mae", "m3ae"))
-            lines.append(f"| {where[4:]} | {score} | {seeds_cell(mae, 1)} | {seeds_cell(m3ae, 1)} | {verdict(m3ae, mae)} |")
+            v = verdict(m3ae, mae)
+            if mae and m3ae and max(mae + m3ae) < 50:  # a "win" between two detectors worse than a coin
+                v += "; both below chance (AUROC 50)"
+            lines.append(f"| {where[4:]} | {score} | {seeds_cell(mae, 1)} | {seeds_cell(m3ae, 1)} | {v} |")
     return lines
 
 

@@ -139,6 +139,13 @@ def test_report_verdicts_and_the_section_in_results_md(tmp_path):
     runs["mae"][2600][0] = r
     ood = compute_report.ood_lines(runs)
     assert ood[2] == "| far | mahalanobis | 61.5 | – | (partial: 1 MAE / 0 M3AE seeds) |" and len(ood) == 6
+    for kind, auroc in (("mae", (0.40, 0.41, 0.42)), ("m3ae", (0.46, 0.47, 0.48))):  # all seeds in, below 50
+        for seed, a in enumerate(auroc):
+            r = runs[kind][2600][seed]
+            r["ood_far"] = r["ood_near"] = {"metrics": {"mahalanobis": {"auroc": a + 0.2}, "msp": {"auroc": a}}}
+    ood = compute_report.ood_lines(runs)
+    assert ood[3].endswith("reproduced (every seed above; gap 6.00 = 6.0x seed std); both below chance (AUROC 50) |")
+    assert "chance" not in ood[2]  # 66.0 vs 60.0: above chance, no remark
 
     docs = tmp_path / "docs"
     (docs / "results").mkdir(parents=True)

@@ -9,6 +9,7 @@ readout and layer; the page says how many comparisons that makes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from m3ae.io import atomic_write
@@ -230,12 +231,8 @@ def report(published: Path, docs: Path) -> Path:
 
 def drop_section(text: str) -> str:
     """``text`` without the compute-curve section and its pointer line."""
-    lines = text.splitlines(keepends=True)
-    for i, ln in enumerate(lines):
-        if ln.startswith(POINTER):  # the pointer and the blank line after it
-            del lines[i:i + 2 if i + 1 < len(lines) and not lines[i + 1].strip() else i + 1]
-            break
-    text = "".join(lines)
+    # The pointer line and the blank line after it.
+    text = re.sub(rf"^{re.escape(POINTER)}.*(?:\n|$)(?:[ \t\r]*\n)?", "", text, count=1, flags=re.M)
     if SECTION[0] not in text:
         return text
     head, rest = text.split(SECTION[0], 1)
